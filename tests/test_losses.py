@@ -1,0 +1,212 @@
+"""The vectorized losses in jasper.py against plain Python loops over texts and pairs (float64)."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import jasper
+
+F64 = torch.float64
+
+
+# ----------------------------------------------------------------------------- loop references
+
+def dot(a, b):
+    return sum(a[k] * b[k] for k in range(len(a)))
+
+
+def cosine_loop(s, t):
+    return sum(1 - dot(s[x], t[x]) for x in range(len(s))) / len(s)
+
+
+def similarity_loop(s, t):
+    m = len(s)
+    return sum((dot(s[i], s[j]) - dot(t[i], t[j])) ** 2 for i in range(m) for j in range(m)) / (m * m)
+
+
+def resim_loop(s, t, margin):
+    pairs = list(itertools.combinations(range(len(s)), 2))
+    total = 0.0
+    for (i, j), (k, l) in itertools.product(pairs, pairs):
+        if dot(t[i], t[j]) > dot(t[k], t[l]) + jasper.TIE_TOLERANCE:
+            total = total + max(0.0, dot(s[k], s[l]) - dot(s[i], s[j]) + margin)
+    n = len(pairs)
+    return total / (n * (n - 1) / 2) if n > 1 else 0.0
+
+
+def unit_rows(m, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(m, d, generator=g, dtype=F64), dim=-1)
+
+
+def tied_teacher(m, seed):
+    """Unit rows from a small set whose dot products are exact multiples of 1/2 (basis vectors and
+    +-1/2 sign vectors in 4 dimensions), so many teacher pair similarities tie exactly."""
+    basis = torch.eye(4, dtype=F64)
+    signs = torch.tensor(list(itertools.product([0.5, -0.5], repeat=4)), dtype=F64)
+    choices = torch.cat([basis, signs])
+    g = torch.Generator().manual_seed(seed)
+    return choices[torch.randint(len(choices), (m,), generator=g)]
+
+
+def value_and_grad(fn, s, t, *args):
+    s = s.clone().requires_grad_(True)
+    value = fn(s, t, *args)
+    (grad,) = torch.autograd.grad(value, s, allow_unused=True) if torch.is_tensor(value) else (None,)
+    if grad is None:
+        grad = torch.zeros_like(s)
+    return float(value.detach()) if torch.is_tensor(value) else value, grad
+
+
+def assert_same(fast, loop, s, t, *args):
+    v_fast, g_fast = value_and_grad(fast, s, t, *args)
+    v_loop, g_loop = value_and_grad(loop, s, t, *args)
+    assert v_fast == pytest.approx(v_loop, abs=1e-9, rel=1e-9)
+    torch.testing.assert_close(g_fast, g_loop, atol=1e-9, rtol=1e-9)
+
+
+# ----------------------------------------------------------------------------- cases
+
+CASES = {  # name -> (student, teacher); the teacher may be wider, like the 12288-d target
+    "random m=5": (unit_rows(5, 6, 0), unit_rows(5, 6, 1)),
+    "random m=8 wide teacher": (unit_rows(8, 4, 2), unit_rows(8, 12, 3)),
+    "m=1": (unit_rows(1, 4, 4), unit_rows(1, 4, 5)),
+    "m=2": (unit_rows(2, 4, 6), unit_rows(2, 4, 7)),
+    "m=3": (unit_rows(3, 4, 8), unit_rows(3, 4, 9)),
+    "teacher ties m=7": (unit_rows(7, 4, 10), tied_teacher(7, 11)),
+    "duplicate rows": (unit_rows(6, 5, 12)[[0, 1, 1, 2, 3, 3]], unit_rows(6, 5, 13)[[0, 1, 1, 2, 3, 3]]),
+    "student = teacher": (unit_rows(6, 5, 14), unit_rows(6, 5, 14)),
+}
+SAME_WIDTH = [name for name, (s, t) in CASES.items() if s.shape == t.shape]
+
+
+@pytest.mark.parametrize("name", SAME_WIDTH)
+def test_cosine_loss_equals_loop(name):
+    assert_same(jasper.cosine_loss, cosine_loop, *CASES[name])
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_similarity_loss_equals_loop(name):
+    assert_same(jasper.similarity_loss, similarity_loop, *CASES[name])
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("margin", [0.0, 0.015, 0.3])
+def test_resim_loss_equals_loop(name, margin):
+    if name == "duplicate rows" and margin == 0.0:
+        # duplicated students put hinges exactly at relu's kink, where the subgradient a product
+        # rounded differently in the last bit picks (0 or 1) is arbitrary
+        pytest.skip("kink of the hinge")
+    assert_same(jasper.resim_loss, resim_loop, *CASES[name], margin)
+
+
+def test_duplicate_texts_tie_despite_rounding_noise():
+    """A matrix product may round a duplicated text's similarities differently in the last bit; such
+    noise must not rank the duplicates. Perturbing one duplicate by 1e-12 leaves the loss unchanged."""
+    s, t = CASES["duplicate rows"]
+    noisy = t.clone()
+    noisy[2] = F.normalize(noisy[2] + 1e-12 * torch.arange(5, dtype=F64), dim=0)
+    assert not torch.equal(noisy @ noisy.T, t @ t.T)
+    assert float(jasper.resim_loss(s, noisy)) == pytest.approx(float(jasper.resim_loss(s, t)), abs=1e-15)
+
+
+def test_ties_exist_in_the_tie_case_and_add_nothing():
+    s, t = CASES["teacher ties m=7"]
+    sims = [dot(t[i], t[j]) for i, j in itertools.combinations(range(7), 2)]
+    assert len(set(float(x) for x in sims)) < len(sims)  # really tied
+    # a teacher where every pair ties: nothing is "greater", so the loss is exactly 0
+    same = tied_teacher(1, 0).expand(7, 4).contiguous()
+    assert float(jasper.resim_loss(s, same, 0.5)) == 0.0
+
+
+def test_resim_scale_is_independent_of_batch_size():
+    """Dividing by N(N-1)/2 keeps a random student's loss about the same at m = 8 and m = 32 (the
+    paper's 1/N would make it 35x larger at m = 32)."""
+    def mean_loss(m):
+        return sum(float(jasper.resim_loss(unit_rows(m, 8, seed), unit_rows(m, 8, 50 + seed)))
+                   for seed in range(3)) / 3
+    small, large = mean_loss(8), mean_loss(32)
+    assert 0.7 < large / small < 1.4
+    assert 0.05 < small < 0.5
+
+
+def test_resim_small_batches_are_zero_not_nan():
+    for m in (1, 2):
+        s, t = unit_rows(m, 3, 0).requires_grad_(True), unit_rows(m, 3, 1)
+        loss = jasper.resim_loss(s, t)
+        loss.backward()
+        assert float(loss.detach()) == 0.0 and torch.equal(s.grad, torch.zeros_like(s))
+
+
+def test_perfect_student_has_zero_loss():
+    t = unit_rows(6, 5, 0)
+    parts = jasper.distill_loss(t, t, margin=0.0)
+    assert {k: float(v) for k, v in parts.items()} == pytest.approx(
+        {"cos": 0.0, "sim": 0.0, "resim": 0.0, "loss": 0.0}, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- teacher target, eq. (4)
+
+def test_teacher_target_is_normalize_concat_normalize():
+    a = torch.tensor([[3.0, 4.0], [0.0, 2.0]], dtype=F64)  # norms 5 and 2
+    b = torch.tensor([[0.0, 0.0, 10.0], [1.0, 0.0, 0.0]], dtype=F64)
+    target = jasper.teacher_target(a, b)
+    r = 1 / math.sqrt(2)  # each normalized teacher contributes a unit vector, so the concat has norm sqrt(2)
+    expected = torch.tensor([[0.6 * r, 0.8 * r, 0.0, 0.0, r], [0.0, r, r, 0.0, 0.0]], dtype=F64)
+    torch.testing.assert_close(target, expected, atol=1e-15, rtol=0)
+
+
+def test_teacher_target_weights_teachers_equally_whatever_their_scale():
+    a, b = torch.randn(4, 3, dtype=F64), torch.randn(4, 5, dtype=F64)
+    torch.testing.assert_close(jasper.teacher_target(a, b), jasper.teacher_target(100 * a, 0.01 * b))
+
+
+def test_distill_loss_weights_and_heads():
+    s, t = unit_rows(6, 5, 0), unit_rows(6, 5, 1)
+    full = jasper.distill_loss(s, t)
+    expected = (10 * jasper.cosine_loss(s, t) + 200 * jasper.similarity_loss(s, t)
+                + 20 * jasper.resim_loss(s, t, 0.015))
+    assert float(full["loss"]) == pytest.approx(float(expected), rel=1e-12)
+    short = jasper.distill_loss(unit_rows(6, 3, 2), t)  # an MRL head narrower than the target
+    assert set(short) == {"sim", "resim", "loss"}
+    assert float(short["loss"]) == pytest.approx(float(200 * short["sim"] + 20 * short["resim"]), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+BAD = [
+    ("batch sizes differ", lambda f: f(unit_rows(4, 3, 0), unit_rows(5, 3, 1))),
+    ("same width", lambda f: jasper.cosine_loss(unit_rows(4, 3, 0), unit_rows(4, 5, 1))),
+    ("NaN", lambda f: f(unit_rows(4, 3, 0), unit_rows(4, 3, 1).index_fill(0, torch.tensor([2]), math.nan))),
+    ("NaN", lambda f: f(unit_rows(4, 3, 0).index_fill(0, torch.tensor([1]), math.inf), unit_rows(4, 3, 1))),
+    ("empty", lambda f: f(torch.zeros(0, 3), torch.zeros(0, 3))),
+    ("matrix", lambda f: f(torch.ones(3), torch.ones(3))),
+    ("L2-normalized", lambda f: f(2 * unit_rows(4, 3, 0), unit_rows(4, 3, 1))),
+]
+
+
+@pytest.mark.parametrize("loss", [jasper.cosine_loss, jasper.similarity_loss, jasper.resim_loss])
+@pytest.mark.parametrize("problem,call", BAD)
+def test_bad_input_raises_a_clear_error(loss, problem, call):
+    with pytest.raises(ValueError, match=problem):
+        call(loss)
+
+
+def test_negative_margin_is_rejected():
+    with pytest.raises(ValueError, match="margin"):
+        jasper.resim_loss(unit_rows(4, 3, 0), unit_rows(4, 3, 1), margin=-0.1)
+
+
+@pytest.mark.parametrize("problem,teachers", [
+    ("at least one", []),
+    ("batch size", [torch.randn(3, 4), torch.randn(2, 4)]),
+    ("NaN", [torch.full((2, 3), math.nan)]),
+    ("all-zero", [torch.zeros(2, 3)]),
+    ("non-empty", [torch.zeros(0, 3)]),
+])
+def test_teacher_target_bad_input(problem, teachers):
+    with pytest.raises(ValueError, match=problem):
+        jasper.teacher_target(*teachers)
