@@ -224,14 +224,11 @@ def make_bidirectional(model: nn.Module) -> None:
 
 def load_text_encoder(spec: str | dict) -> nn.Module:
     """A transformers encoder (no LM head) with bidirectional attention."""
-    if isinstance(spec, dict):
-        config = AutoConfig.for_model(**spec)
-        config.is_causal, config.use_cache = False, False
-        model = AutoModel.from_config(config, attn_implementation="sdpa")
-    else:
-        config = AutoConfig.from_pretrained(spec)
-        config.is_causal, config.use_cache = False, False
-        model = AutoModel.from_pretrained(spec, config=config, attn_implementation="sdpa")
+    from_config = isinstance(spec, dict)
+    config = AutoConfig.for_model(**spec) if from_config else AutoConfig.from_pretrained(spec)
+    config.is_causal, config.use_cache = False, False
+    model = (AutoModel.from_config(config, attn_implementation="sdpa") if from_config
+             else AutoModel.from_pretrained(spec, config=config, attn_implementation="sdpa"))
     make_bidirectional(model)
     if getattr(model, "pooler", None) is not None:
         model.pooler = None  # BERT's [CLS] pooler: mean pooling replaces it, and unused weights get no gradient
