@@ -28,6 +28,7 @@ This file reads top to bottom: the losses (pure functions on (m, d) matrices), t
 modules, the stage plan.
 """
 
+import inspect
 import json
 import math
 from dataclasses import asdict, dataclass, field, replace
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModel, SiglipVisionConfig, SiglipVisionModel
+from transformers import MODEL_MAPPING, AutoConfig, SiglipVisionConfig, SiglipVisionModel
 
 LOSS_WEIGHTS = {"cos": 10.0, "sim": 200.0, "resim": 20.0}  # lambda_1..3, paper 3.1
 MARGIN = 0.015  # paper 3.1
@@ -172,6 +173,26 @@ def distill_loss(s: Tensor, t: Tensor, margin: float = MARGIN,
     return parts
 
 
+def text_distill_loss(student: dict[int, Tensor], target: Tensor) -> dict[str, Tensor]:
+    """The loss of stages 1-3: eq. (4) for every head of the student against the teachers' target.
+
+    student: {width: (m, width) unit rows}, one entry per FC head; target: (m, D) unit rows.
+    FC1 (width D) gets all three losses. The short MRL heads of stage 3 get L_sim + L_resim, and
+    their mean joins FC1's loss, so FC1's objective keeps the scale it had in stages 1-2 (the official
+    code likewise averages the similarity losses over its MRL widths).
+
+    Returns {"loss": total, "{width}_{part}": each unweighted part of each head}.
+    """
+    fc1 = target.shape[-1]
+    if fc1 not in student:
+        raise ValueError(f"no head as wide as the target ({fc1}); the student has {sorted(student)}")
+    per_head = {width: distill_loss(vectors, target) for width, vectors in student.items()}
+    short = [per_head[width]["loss"] for width in per_head if width != fc1]
+    total = per_head[fc1]["loss"] + (sum(short) / len(short) if short else 0.0)
+    return {"loss": total, **{f"{width}_{name}": value for width, parts in per_head.items()
+                              for name, value in parts.items() if name != "loss"}}
+
+
 # ----------------------------------------------------------------------------- pooling
 
 def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
@@ -227,11 +248,13 @@ def load_text_encoder(spec: str | dict) -> nn.Module:
     from_config = isinstance(spec, dict)
     config = AutoConfig.for_model(**spec) if from_config else AutoConfig.from_pretrained(spec)
     config.is_causal, config.use_cache = False, False
-    model = (AutoModel.from_config(config, attn_implementation="sdpa") if from_config
-             else AutoModel.from_pretrained(spec, config=config, attn_implementation="sdpa"))
+    model_class = MODEL_MAPPING[type(config)]
+    options = {"attn_implementation": "sdpa"}
+    if "add_pooling_layer" in inspect.signature(model_class.__init__).parameters:
+        options["add_pooling_layer"] = False  # BERT's [CLS] pooler: mean pooling replaces it
+    model = (model_class._from_config(config, **options) if from_config
+             else model_class.from_pretrained(spec, config=config, **options))
     make_bidirectional(model)
-    if getattr(model, "pooler", None) is not None:
-        model.pooler = None  # BERT's [CLS] pooler: mean pooling replaces it, and unused weights get no gradient
     return model
 
 
