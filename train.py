@@ -210,6 +210,24 @@ def load_student(out: Path, stage: int, p: Preset, target_dim: int) -> tuple[jas
     return model, tokenizer
 
 
+def resume_log(log_file: Path, start: int):
+    """Open log.csv for appending the rows of steps >= start; the rows of later steps that a killed
+    run logged after its last checkpoint are dropped (they are redone). Returns (file, writer or None)."""
+    if not start or not log_file.is_file():
+        return log_file.open("w", newline=""), None
+    with log_file.open() as f:
+        reader = csv.DictReader(f)
+        fields, kept = reader.fieldnames, [r for r in reader if int(r["step"]) < start]
+    tmp = log_file.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(kept)
+    tmp.replace(log_file)  # atomic: a second kill never loses the rows before the checkpoint
+    log = log_file.open("a", newline="")
+    return log, csv.DictWriter(log, fieldnames=fields)
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", type=int, required=True, choices=[1, 2, 3])
@@ -253,7 +271,9 @@ def main(argv=None):
         if isinstance(module, torch.nn.Dropout):  # it also makes K ranks train exactly like one
             module.p = 0.0
     model.to(device)
-    before = heldout_losses(model, tokenizer, texts, cache, heldout, p.max_length, device)
+    ckpt_dir, log_file = stage_dir / "checkpoints", stage_dir / "log.csv"
+    resuming = (ckpt_dir / "latest").is_file()
+    before = None if resuming else heldout_losses(model, tokenizer, texts, cache, heldout, p.max_length, device)
 
     optimizer = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=plan.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -267,17 +287,13 @@ def main(argv=None):
         "steps_per_print": 10 ** 9,
     })
 
-    ckpt_dir, log_file = stage_dir / "checkpoints", stage_dir / "log.csv"
     start = 0
-    if (ckpt_dir / "latest").is_file():
+    if resuming:
         _, client = engine.load_checkpoint(str(ckpt_dir))
-        start = client["step"]
+        start, before = client["step"], client["heldout_before"]
     if rank == 0:
         stage_dir.mkdir(parents=True, exist_ok=True)
-        rows = list(csv.DictReader(log_file.open())) if start and log_file.is_file() else []
-        rows = [r for r in rows if int(r["step"]) < start]  # rows past the checkpoint are redone
-        log = log_file.open("w", newline="")
-        writer = None
+        log, writer = resume_log(log_file, start)
         print(f"stage {args.stage}: {sum(trainable.values()):,} trainable parameters, {plan.steps} steps of "
               f"{plan.batch_size} texts on {world} rank(s), {len(texts)} texts ({p.heldout} held out)"
               + (f", resuming at step {start}" if start else ""))
@@ -301,12 +317,12 @@ def main(argv=None):
             if writer is None:
                 writer = csv.DictWriter(log, fieldnames=list(row))
                 writer.writeheader()
-                writer.writerows(rows)
             writer.writerow(row)
             log.flush()
             bar.set_postfix(loss=f"{row['loss']:.4f}")
         if (step + 1) % p.checkpoint_every == 0 and step + 1 < plan.steps:
-            engine.save_checkpoint(str(ckpt_dir), tag=f"step{step + 1}", client_state={"step": step + 1})
+            engine.save_checkpoint(str(ckpt_dir), tag=f"step{step + 1}",
+                                   client_state={"step": step + 1, "heldout_before": before})
             if rank == 0:
                 for old in ckpt_dir.glob("step*"):
                     if old.name != f"step{step + 1}":
