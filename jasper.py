@@ -45,6 +45,7 @@ LOSS_WEIGHTS = {"cos": 10.0, "sim": 200.0, "resim": 20.0}  # lambda_1..3, paper 
 MARGIN = 0.015  # paper 3.1
 UNIT_NORM_TOLERANCE = 1e-2  # bf16 rounding keeps row norms within ~4e-3 of 1
 TIE_TOLERANCE = 1e-6  # teacher similarities closer than this tie (float32 dot products err ~6e-7)
+DENSE_RESIM_MAX_PAIRS = 496  # m <= 32: both ways take ~2 ms there, and the dense one is the reference
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -120,7 +121,7 @@ def similarity_loss(s: Tensor, t: Tensor) -> Tensor:
     return F.mse_loss(s @ s.T, t @ t.T)
 
 
-def resim_loss(s: Tensor, t: Tensor, margin: float = MARGIN) -> Tensor:
+def resim_loss(s: Tensor, t: Tensor, margin: float = MARGIN, method: str = "auto") -> Tensor:
     """Eq. (3), relative similarity distillation, a CoSENT-style ranking loss:
 
         L_resim = 1/P sum over pairs of pairs with t_i.t_j > t_m.t_n of max(0, s_m.s_n - s_i.s_j + margin)
@@ -135,11 +136,15 @@ def resim_loss(s: Tensor, t: Tensor, margin: float = MARGIN) -> Tensor:
     tuned, averages over all P = N(N-1)/2 unordered pairs of pairs (it gives ties a direction; we do
     not). We divide by P, which keeps the loss independent of the batch size. m < 3 gives 0.
 
-    This is the dense version: it builds an (N, N) matrix, O(m^4) memory.
+    method: "dense" compares all N x N pairs of pairs (the readable reference, O(m^4) memory);
+    "counted" gets the same value and gradient from two counts per pair in O(N log N) time and O(N)
+    memory; "auto" takes dense up to DENSE_RESIM_MAX_PAIRS pairs (m <= 32), where both are instant.
     """
     check_vectors(s=s, t=t)
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
+    if method not in ("auto", "dense", "counted"):
+        raise ValueError(f"method must be 'auto', 'dense' or 'counted', got {method!r}")
     m = s.shape[0]
     i, j = torch.triu_indices(m, m, offset=1, device=s.device)
     s_pairs = (s @ s.T)[i, j]  # (N,) student similarity of each pair i<j
@@ -147,10 +152,97 @@ def resim_loss(s: Tensor, t: Tensor, margin: float = MARGIN) -> Tensor:
     n_pairs = s_pairs.shape[0]
     if n_pairs < 2:
         return s_pairs.sum() * 0.0  # no pair of pairs; keeps the graph so backward gives zeros
+    if method == "auto":
+        method = "dense" if n_pairs <= DENSE_RESIM_MAX_PAIRS else "counted"
+    hinge_sum = resim_hinge_sum_dense if method == "dense" else resim_hinge_sum_counted
+    return hinge_sum(s_pairs, t_pairs, margin) / (n_pairs * (n_pairs - 1) / 2)
+
+
+def resim_hinge_sum_dense(s_pairs: Tensor, t_pairs: Tensor, margin: float) -> Tensor:
+    """Eq. (3)'s sum over pairs of pairs, written out. s_pairs, t_pairs: (N,) -> scalar."""
     # (N, N): row a is the pair the teachers rank higher, column b the lower one
     teacher_higher = t_pairs[:, None] > t_pairs[None, :] + TIE_TOLERANCE
-    hinge = F.relu(s_pairs[None, :] - s_pairs[:, None] + margin)
-    return (hinge * teacher_higher).sum() / (n_pairs * (n_pairs - 1) / 2)
+    hinge = F.relu((s_pairs[None, :] + margin) - s_pairs[:, None])
+    return (hinge * teacher_higher).sum()
+
+
+def resim_hinge_sum_counted(s_pairs: Tensor, t_pairs: Tensor, margin: float) -> Tensor:
+    """The same sum as resim_hinge_sum_dense, from two counts per pair instead of an (N, N) matrix.
+
+    Each active hinge, pair a above pair b in the teachers' order with s_a < s_b + margin, adds
+    (s_b + margin) - s_a. Collect the terms per pair p:
+        below[p] = #{a : t_a > t_p + tol and s_a < s_p + margin}   active hinges where p is the lower pair
+        above[p] = #{b : t_p > t_b + tol and s_p < s_b + margin}   active hinges where p is the higher one
+        sum = sum_p below[p] (s_p + margin) - above[p] s_p,   d sum / d s_p = below[p] - above[p]
+    The counts are constants of the step, so autograd through the last line gives the dense gradient.
+
+    Sorted by teacher similarity, the pairs ranked above p are a suffix [start_p, N) and those ranked
+    below a prefix [0, end_p) (ties excluded by the same comparisons as the dense version). Replacing
+    each student similarity by its rank r (a permutation of 0..N-1), both counts become "how many
+    ranks below a limit in a prefix", which count_ranks_below answers for all 2N queries at once.
+    O(N log N) time, O(N) memory. Summed in float64: the two terms are ~N^2 and their difference small.
+    """
+    n = s_pairs.shape[0]
+    with torch.no_grad():
+        order = torch.argsort(sortable_int(t_pairs))
+        t, s = t_pairs[order], s_pairs[order]
+        floor = t + TIE_TOLERANCE  # as in the dense version: a is above b iff t_a > t_b + tol
+        start = torch.searchsorted(t, floor, right=True, out_int32=True)  # [start_p, N): the pairs above p
+        end = torch.searchsorted(floor, t, out_int32=True)  # [0, end_p): the pairs below p
+        by_value = torch.argsort(sortable_int(s))
+        s_sorted = s[by_value]
+        rank = torch.empty(n, dtype=torch.int32, device=s.device)
+        rank[by_value] = torch.arange(n, dtype=torch.int32, device=s.device)
+        ceiling = s_sorted + margin
+        fewer_than_ceiling = torch.searchsorted(s_sorted, ceiling, out_int32=True).index_select(0, rank)  # #{a : s_a < s_p + margin}
+        at_most = torch.searchsorted(ceiling, s_sorted, right=True, out_int32=True).index_select(0, rank)  # #{b : s_b + margin <= s_p}
+        counts = count_ranks_below(rank, torch.cat([start, end]), torch.cat([fewer_than_ceiling, at_most]))
+        below = fewer_than_ceiling - counts[:n]  # the suffix: all ranks below the limit minus the prefix's
+        above = end - counts[n:]  # the prefix's ranks not below the limit
+    total = ((below - above).double() * s_pairs[order].double()).sum() + margin * below.sum().double()
+    return total.to(s_pairs.dtype)
+
+
+def sortable_int(x: Tensor) -> Tensor:
+    """Integers that sort like the floats x: their IEEE 754 bits, with the magnitude bits of negative
+    numbers flipped. Integer sorts are radix sorts, several times faster than float sorts on a CPU."""
+    bits = x.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+    return bits ^ ((bits >> (8 * x.element_size() - 1)) & torch.iinfo(bits.dtype).max)
+
+
+def count_ranks_below(ranks: Tensor, prefix: Tensor, limit: Tensor) -> Tensor:
+    """For each query q: #{b < prefix[q] : ranks[b] < limit[q]}.
+
+    ranks: (N,) a permutation of 0..N-1; prefix, limit: (Q,) in [0, N] -> (Q,) counts (ranks' dtype).
+    A wavelet matrix, queried for all q at once: one pass per bit of the ranks, from the highest.
+    Each pass reorders the ranks stably by that bit (zeros first, then ones). The ranks that agree
+    with a query's limit in the bits above stay together in one block (a node) whose start depends
+    on those bits alone, so each query follows only its end `hi` into the half that shares its
+    limit's bit; where the limit has a 1, the node's ranks before `hi` with a 0 there are below the
+    limit and counted. O((N + Q) log N) time, O(N + Q) memory; int32 halves the memory traffic.
+    """
+    n = ranks.shape[0]
+    boundaries = torch.arange(n + 1, dtype=ranks.dtype, device=ranks.device)
+    hi, count = prefix.clone(), torch.zeros_like(prefix)
+    node_start = boundaries[:1]  # one node: the whole sequence
+    for bit in reversed(range(max(1, n.bit_length()))):
+        ones = (ranks >> bit) & 1
+        zeros_before = F.pad(torch.cumsum(1 - ones, 0, dtype=ranks.dtype), (1, 0))  # (N+1,) among the first k
+        n_zeros = zeros_before[-1]
+        # (2 * (N+1),): where boundary k lands among the zeros, then where it lands among the ones
+        follow = torch.cat([zeros_before, n_zeros + boundaries - zeros_before])
+        # (index_select takes int32 indices as they are; x[i] would copy them to int64)
+        start_zeros = zeros_before.index_select(0, node_start)  # (nodes,)
+        lo_zeros = start_zeros.index_select(0, limit >> (bit + 1))  # (Q,)
+        hi_zeros = zeros_before.index_select(0, hi)  # (Q,)
+        limit_bit = (limit >> bit) & 1
+        count += limit_bit * (hi_zeros - lo_zeros)
+        hi = follow.index_select(0, limit_bit * (n + 1) + hi)
+        # node (prefix) splits into (prefix, 0) among the zeros and (prefix, 1) among the ones
+        node_start = torch.stack([start_zeros, n_zeros + node_start - start_zeros], dim=1).flatten()
+        destination = follow.index_select(0, ones * (n + 1) + boundaries[:-1])
+        ranks = torch.empty_like(ranks).scatter_(0, destination.long(), ranks)
+    return count
 
 
 def distill_loss(s: Tensor, t: Tensor, margin: float = MARGIN,

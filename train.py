@@ -59,6 +59,8 @@ class Preset:
     warmup_share: float = 0.1
     checkpoint_every: int = 50
     log_every: int = 1
+    forward_chunk: int = 8  # texts per forward pass on a rank (length-sorted, so each pads little)
+    gradient_checkpointing: bool = False
 
 
 def preset(name: str) -> Preset:
@@ -67,13 +69,13 @@ def preset(name: str) -> Preset:
         minilm = data.all_minilm_l6_v2()
         return Preset(student=minilm, teachers={"minilm": minilm, "mpnet": data.all_mpnet_base_v2()},
                       mrl_dims=[256, 128, 64], max_length=128, n_texts=2000, heldout=200,
-                      stages={1: StagePlan(32, 2e-3, 150), 2: StagePlan(32, 1e-4, 150), 3: StagePlan(32, 5e-5, 150)})
+                      stages={1: StagePlan(32, 2e-3, 300), 2: StagePlan(32, 2e-4, 150), 3: StagePlan(32, 5e-5, 150)})
     if name == "paper":
         return Preset(student="dunzhang/stella_en_1.5B_v5",
                       teachers={"nv_embed_v2": "nvidia/NV-Embed-v2", "stella": "dunzhang/stella_en_1.5B_v5"},
                       mrl_dims=[1024, 512, 256], max_length=512, n_texts=8_000_000, heldout=10_000,
                       stages={1: StagePlan(128, 1e-4, 4000), 2: StagePlan(128, 8e-5, 7000), 3: StagePlan(128, 7e-5, 2200)},
-                      checkpoint_every=500, log_every=10)
+                      checkpoint_every=500, log_every=10, forward_chunk=16)
     raise ValueError(f"unknown preset {name!r}: toy or paper")
 
 
@@ -150,6 +152,30 @@ def batch_indices(step: int, batch_size: int, n_train: int, seed: int) -> np.nda
         order = np.random.default_rng([seed, int(epoch)]).permutation(n_train)
         out[epochs == epoch] = order[positions[epochs == epoch] % n_train]
     return out
+
+
+def rank_slices(idx: np.ndarray, lengths: np.ndarray, world: int) -> list[np.ndarray]:
+    """Deal a global batch to the ranks, each rank's texts in order of length.
+
+    Every loss is invariant to the order of the texts in the batch, so the batch may be rearranged
+    freely: sorted by length (characters, a free proxy for tokens) and dealt round-robin, every
+    rank gets the same spread of lengths (no straggler) and consecutive texts of similar length,
+    which each forward chunk then pads only to its own longest (train.forward_in_chunks)."""
+    ordered = idx[np.argsort(lengths[idx], kind="stable")]
+    return [ordered[r::world] for r in range(world)]
+
+
+def forward_in_chunks(model, tokenizer, texts: list[str], chunk: int, max_length: int,
+                      device) -> tuple[dict[int, torch.Tensor], int, int]:
+    """The student's vectors for `texts`, computed `chunk` texts per forward pass (each padded to
+    its own longest text); the graphs of all chunks stay alive for one backward pass.
+    Returns ({width: (len(texts), width)}, real tokens, padded tokens)."""
+    outputs, real, padded = [], 0, 0
+    for start in range(0, len(texts), chunk):
+        batch = tokenize(tokenizer, texts[start:start + chunk], max_length, device)
+        outputs.append(model(**batch))
+        real, padded = real + int(batch["attention_mask"].sum()), padded + batch["attention_mask"].numel()
+    return {width: torch.cat([o[width] for o in outputs]) for width in outputs[0]}, real, padded
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int, device) -> dict[str, torch.Tensor]:
@@ -240,6 +266,9 @@ def parse_args(argv=None):
     ap.add_argument("--n-texts", type=int, help="override the corpus size (a new --out)")
     ap.add_argument("--heldout", type=int, help="override the number of held-out texts")
     ap.add_argument("--checkpoint-every", type=int, help="override the checkpoint interval (steps)")
+    ap.add_argument("--forward-chunk", type=int, help="texts per forward pass on each rank")
+    ap.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                    help="recompute the encoder's activations in backward (less memory, ~1/3 more compute)")
     ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return ap.parse_args(argv)
 
@@ -251,7 +280,9 @@ def main(argv=None):
     plan = replace(plan, **{k: v for k, v in dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr).items()
                             if v is not None})
     p = replace(p, **{k: v for k, v in dict(n_texts=args.n_texts, heldout=args.heldout,
-                                            checkpoint_every=args.checkpoint_every).items() if v is not None})
+                                            checkpoint_every=args.checkpoint_every, forward_chunk=args.forward_chunk,
+                                            gradient_checkpointing=args.gradient_checkpointing).items()
+                      if v is not None})
     rank, world = setup_distributed()
     if plan.batch_size % world:
         raise ValueError(f"the global batch {plan.batch_size} does not split over {world} ranks")
@@ -264,12 +295,15 @@ def main(argv=None):
     if n_train < plan.batch_size:
         raise ValueError(f"{n_train} training texts cannot fill a batch of {plan.batch_size}")
     heldout = np.arange(n_train, len(texts))
+    lengths = np.array([len(text) for text in texts])
 
     model, tokenizer = load_student(out, args.stage, p, cache.dim)
     trainable = jasper.set_trainable(model, args.stage)
     for module in model.modules():  # no dropout, as in the paper's Qwen2 student (its dropout rates are 0);
         if isinstance(module, torch.nn.Dropout):  # it also makes K ranks train exactly like one
             module.p = 0.0
+    if p.gradient_checkpointing:
+        model.text.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
     ckpt_dir, log_file = stage_dir / "checkpoints", stage_dir / "log.csv"
     resuming = (ckpt_dir / "latest").is_file()
@@ -302,15 +336,15 @@ def main(argv=None):
     bar = tqdm(range(start, plan.steps), initial=start, total=plan.steps, desc=f"stage {args.stage}",
                disable=rank != 0)
     for step in bar:
-        idx = batch_indices(step, plan.batch_size, n_train, args.seed)
-        b = plan.batch_size // world
-        batch = tokenize(tokenizer, [texts[i] for i in idx[rank * b:(rank + 1) * b]], p.max_length, device)
-        student = {d: gather_with_grad(v) for d, v in engine(**batch).items()}
-        parts = jasper.text_distill_loss(student, cache.targets(idx).to(device))
+        slices = rank_slices(batch_indices(step, plan.batch_size, n_train, args.seed), lengths, world)
+        vectors, real, _ = forward_in_chunks(engine, tokenizer, [texts[i] for i in slices[rank]],
+                                             p.forward_chunk, p.max_length, device)
+        student = {d: gather_with_grad(v) for d, v in vectors.items()}  # rows in the order of np.concatenate(slices)
+        parts = jasper.text_distill_loss(student, cache.targets(np.concatenate(slices)).to(device))
         engine.backward(parts["loss"] * world)  # ranks average gradients; each holds only its shard's part
         lr = schedule.get_last_lr()[0]
         engine.step()
-        tokens += int(batch["attention_mask"].sum()) * world
+        tokens += real
 
         if rank == 0 and (step % p.log_every == 0 or step == plan.steps - 1):
             row = {"step": step, "lr": lr, **{k: v.item() for k, v in parts.items()}}
@@ -328,6 +362,9 @@ def main(argv=None):
                     if old.name != f"step{step + 1}":
                         shutil.rmtree(old)
     elapsed = time.time() - t0
+    tokens = torch.tensor(tokens, device=device)
+    dist.all_reduce(tokens)
+    tokens = int(tokens)
 
     after = heldout_losses(engine.module, tokenizer, texts, cache, heldout, p.max_length, device)
     if rank == 0:

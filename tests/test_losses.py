@@ -95,12 +95,53 @@ def test_similarity_loss_equals_loop(name):
 
 @pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("margin", [0.0, 0.015, 0.3])
-def test_resim_loss_equals_loop(name, margin):
+@pytest.mark.parametrize("method", ["dense", "counted"])
+def test_resim_loss_equals_loop(name, margin, method):
     if name == "duplicate rows" and margin == 0.0:
         # duplicated students put hinges exactly at relu's kink, where the subgradient a product
         # rounded differently in the last bit picks (0 or 1) is arbitrary
         pytest.skip("kink of the hinge")
-    assert_same(jasper.resim_loss, resim_loop, *CASES[name], margin)
+    assert_same(lambda s, t, margin: jasper.resim_loss(s, t, margin, method), resim_loop, *CASES[name], margin)
+
+
+LARGE_CASES = {  # beyond DENSE_RESIM_MAX_PAIRS, where "auto" counts
+    "random m=90": (unit_rows(90, 16, 20), unit_rows(90, 48, 21)),
+    "teacher ties m=120": (unit_rows(120, 8, 22), tied_teacher(120, 23)),
+    "duplicate rows m=100": (unit_rows(50, 8, 24).repeat(2, 1), unit_rows(50, 8, 25).repeat(2, 1)),
+}
+
+
+@pytest.mark.parametrize("name", LARGE_CASES)
+def test_counted_resim_equals_dense_on_large_batches(name):
+    s, t = LARGE_CASES[name]
+    assert s.shape[0] * (s.shape[0] - 1) // 2 > jasper.DENSE_RESIM_MAX_PAIRS
+    v_dense, g_dense = value_and_grad(lambda s, t: jasper.resim_loss(s, t, method="dense"), s, t)
+    v_auto, g_auto = value_and_grad(jasper.resim_loss, s, t)
+    assert v_dense > 0.01 and v_auto == pytest.approx(v_dense, abs=1e-12, rel=1e-12)
+    torch.testing.assert_close(g_auto, g_dense, atol=1e-12, rtol=1e-9)
+
+
+def test_counted_resim_float32_matches_float64_dense():
+    s, t = LARGE_CASES["random m=90"]
+    v32, g32 = value_and_grad(jasper.resim_loss, s.float(), t.float())
+    v64, g64 = value_and_grad(lambda s, t: jasper.resim_loss(s, t, method="dense"), s, t)
+    assert v32 == pytest.approx(v64, rel=1e-5)
+    torch.testing.assert_close(g32.double(), g64, atol=1e-7, rtol=1e-3)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 9, 300])
+def test_count_ranks_below_equals_loop(n):
+    g = torch.Generator().manual_seed(n)
+    ranks = torch.randperm(n, generator=g).int()
+    prefix, limit = torch.randint(0, n + 1, (2, 200), generator=g).int()
+    loop = [sum(1 for b in range(p) if ranks[b] < lim) for p, lim in zip(prefix.tolist(), limit.tolist())]
+    assert jasper.count_ranks_below(ranks, prefix, limit).tolist() == loop
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_sortable_int_sorts_like_the_floats(dtype):
+    x = torch.tensor([3.0, -1e-30, 0.5, -0.0, -2.0, 1e-30, 0.0, -0.5, 1.0, -1.0], dtype=dtype)
+    assert torch.equal(x[torch.argsort(jasper.sortable_int(x))], torch.sort(x).values)
 
 
 def test_duplicate_texts_tie_despite_rounding_noise():
@@ -193,6 +234,11 @@ BAD = [
 def test_bad_input_raises_a_clear_error(loss, problem, call):
     with pytest.raises(ValueError, match=problem):
         call(loss)
+
+
+def test_unknown_resim_method_is_rejected():
+    with pytest.raises(ValueError, match="method"):
+        jasper.resim_loss(unit_rows(4, 3, 0), unit_rows(4, 3, 1), method="sorted")
 
 
 def test_negative_margin_is_rejected():
