@@ -100,7 +100,7 @@ def resim_table(sizes: list[int], dense_max_m: int, repeats: int) -> str:
 def train_once(student: str, max_length: int, batch: int, chunk: int, sort: bool, checkpointing: bool,
                steps: int, layers: int | None) -> dict:
     """Stage-3 steps of the student (every text-side weight and head trains; AdamW): time, tokens,
-    padding, peak extra memory. bf16 autocast on a GPU."""
+    padding, peak memory. bf16 autocast on a GPU."""
     import data
     import train
     torch.manual_seed(0)
@@ -128,16 +128,12 @@ def train_once(student: str, max_length: int, batch: int, chunk: int, sort: bool
             idx = train.batch_indices(step, batch, len(texts), 0)
             if sort:
                 (idx,) = train.rank_slices(idx, lengths, 1)
-            size = chunk if sort else batch
-            vectors, real, padded = train.forward_in_chunks(model, tokenizer, [texts[i] for i in idx], size,
-                                                            max_length, dev)
+            batches = train.text_chunks(tokenizer, [texts[i] for i in idx], chunk if sort else batch, max_length, dev)
         else:
-            vocab = model.text.config.vocab_size
-            outputs = [model(input_ids=torch.randint(vocab, (min(chunk, batch - k), max_length), device=dev),
-                             attention_mask=torch.ones(min(chunk, batch - k), max_length, dtype=torch.long, device=dev))
-                       for k in range(0, batch, chunk)]
-            vectors = {w: torch.cat([o[w] for o in outputs]) for w in outputs[0]}
-            real = padded = batch * max_length
+            shapes = [(min(chunk, batch - k), max_length) for k in range(0, batch, chunk)]
+            batches = ({"input_ids": torch.randint(model.text.config.vocab_size, shape, device=dev),
+                        "attention_mask": torch.ones(shape, dtype=torch.long, device=dev)} for shape in shapes)
+        vectors, real, padded = train.forward_in_chunks(model, batches)
         target = F.normalize(torch.randn(batch, target_width, device=dev), dim=-1)
         jasper.text_distill_loss(vectors, target)["loss"].backward()
         optimizer.step()

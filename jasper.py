@@ -183,9 +183,10 @@ def resim_hinge_sum_counted(s_pairs: Tensor, t_pairs: Tensor, margin: float) -> 
     O(N log N) time, O(N) memory. Summed in float64: the two terms are ~N^2 and their difference small.
     """
     n = s_pairs.shape[0]
+    order = torch.argsort(sortable_int(t_pairs.detach()))
+    s_in_order = s_pairs[order]  # (N,) with its gradient, for the last line
     with torch.no_grad():
-        order = torch.argsort(sortable_int(t_pairs))
-        t, s = t_pairs[order], s_pairs[order]
+        t, s = t_pairs[order], s_in_order.detach()
         floor = t + TIE_TOLERANCE  # as in the dense version: a is above b iff t_a > t_b + tol
         start = torch.searchsorted(t, floor, right=True, out_int32=True)  # [start_p, N): the pairs above p
         end = torch.searchsorted(floor, t, out_int32=True)  # [0, end_p): the pairs below p
@@ -199,7 +200,7 @@ def resim_hinge_sum_counted(s_pairs: Tensor, t_pairs: Tensor, margin: float) -> 
         counts = count_ranks_below(rank, torch.cat([start, end]), torch.cat([fewer_than_ceiling, at_most]))
         below = fewer_than_ceiling - counts[:n]  # the suffix: all ranks below the limit minus the prefix's
         above = end - counts[n:]  # the prefix's ranks not below the limit
-    total = ((below - above).double() * s_pairs[order].double()).sum() + margin * below.sum().double()
+    total = ((below - above).double() * s_in_order.double()).sum() + margin * below.sum().double()
     return total.to(s_pairs.dtype)
 
 

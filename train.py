@@ -22,6 +22,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -160,19 +161,23 @@ def rank_slices(idx: np.ndarray, lengths: np.ndarray, world: int) -> list[np.nda
     Every loss is invariant to the order of the texts in the batch, so the batch may be rearranged
     freely: sorted by length (characters, a free proxy for tokens) and dealt round-robin, every
     rank gets the same spread of lengths (no straggler) and consecutive texts of similar length,
-    which each forward chunk then pads only to its own longest (train.forward_in_chunks)."""
+    which each forward chunk then pads only to its own longest (train.text_chunks)."""
     ordered = idx[np.argsort(lengths[idx], kind="stable")]
     return [ordered[r::world] for r in range(world)]
 
 
-def forward_in_chunks(model, tokenizer, texts: list[str], chunk: int, max_length: int,
-                      device) -> tuple[dict[int, torch.Tensor], int, int]:
-    """The student's vectors for `texts`, computed `chunk` texts per forward pass (each padded to
-    its own longest text); the graphs of all chunks stay alive for one backward pass.
-    Returns ({width: (len(texts), width)}, real tokens, padded tokens)."""
-    outputs, real, padded = [], 0, 0
+def text_chunks(tokenizer, texts: list[str], chunk: int, max_length: int, device) -> Iterator[dict[str, torch.Tensor]]:
+    """`texts` tokenized `chunk` at a time, each chunk padded only to its own longest text."""
     for start in range(0, len(texts), chunk):
-        batch = tokenize(tokenizer, texts[start:start + chunk], max_length, device)
+        yield tokenize(tokenizer, texts[start:start + chunk], max_length, device)
+
+
+def forward_in_chunks(model, batches: Iterable[dict[str, torch.Tensor]]) -> tuple[dict[int, torch.Tensor], int, int]:
+    """The student's vectors for several tokenized batches, one forward pass each, concatenated; the
+    graphs of all of them stay alive for one backward pass.
+    Returns ({width: (all rows, width)}, real tokens, padded tokens)."""
+    outputs, real, padded = [], 0, 0
+    for batch in batches:
         outputs.append(model(**batch))
         real, padded = real + int(batch["attention_mask"].sum()), padded + batch["attention_mask"].numel()
     return {width: torch.cat([o[width] for o in outputs]) for width in outputs[0]}, real, padded
@@ -337,8 +342,8 @@ def main(argv=None):
                disable=rank != 0)
     for step in bar:
         slices = rank_slices(batch_indices(step, plan.batch_size, n_train, args.seed), lengths, world)
-        vectors, real, _ = forward_in_chunks(engine, tokenizer, [texts[i] for i in slices[rank]],
-                                             p.forward_chunk, p.max_length, device)
+        vectors, real, _ = forward_in_chunks(engine, text_chunks(tokenizer, [texts[i] for i in slices[rank]],
+                                                                 p.forward_chunk, p.max_length, device))
         student = {d: gather_with_grad(v) for d, v in vectors.items()}  # rows in the order of np.concatenate(slices)
         parts = jasper.text_distill_loss(student, cache.targets(np.concatenate(slices)).to(device))
         engine.backward(parts["loss"] * world)  # ranks average gradients; each holds only its shard's part
