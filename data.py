@@ -328,3 +328,95 @@ def all_mpnet_base_v2(cache: str | Path = "~/.cache/jasper") -> str:
     (tmp / "all-mpnet-base-v2").rename(target)  # a complete folder appears at once
     shutil.rmtree(tmp)
     return str(target)
+
+
+# ----------------------------------------------------------------------------- image-caption pairs (stage 4)
+
+SHAPES = ("circle", "square", "triangle", "cross")
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+           "yellow": (235, 205, 30), "purple": (140, 50, 170), "orange": (245, 140, 20)}
+COUNT_WORDS = ("one", "two", "three")
+GRID = 3  # shapes sit in distinct cells of a 3 x 3 grid, so they never touch
+
+
+def draw_shape(draw, shape: str, box: tuple[float, float, float, float], fill) -> None:
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "triangle":
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    elif shape == "cross":
+        w, h = (x1 - x0) / 3, (y1 - y0) / 3
+        draw.rectangle((x0 + w, y0, x1 - w, y1), fill=fill)
+        draw.rectangle((x0, y0 + h, x1, y1 - h), fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}: one of {SHAPES}")
+
+
+class ShapeScenes:
+    """The toy preset's image-caption pairs: 1-3 shapes of one kind and colour on a white image, and
+    the caption that says so ("two red triangles").
+
+    Count, colour and shape make 3 x 6 x 4 = 72 captions; where the shapes sit and how big they are
+    varies freely, so no two images are alike and the encoder has to learn what is drawn, not where.
+    (Positions are not in the captions: the toy text side barely tells "on the left" from "on the
+    right", cosine 0.99, so a caption could not teach them.) Pair i is a pure function of (seed, i):
+    nothing is stored and any rank draws any pair. Indexing gives (PIL image, caption)."""
+
+    def __init__(self, n: int, seed: int = 0, size: int = 64):
+        self.n, self.seed, self.size = n, seed, size
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        from PIL import Image, ImageDraw
+        if not 0 <= i < self.n:
+            raise IndexError(f"pair {i} of {self.n}")
+        rng = random.Random(f"{self.seed}-{i}")
+        count, shape, colour = rng.randint(1, 3), rng.choice(SHAPES), rng.choice(list(COLOURS))
+        image = Image.new("RGB", (self.size, self.size), "white")
+        draw = ImageDraw.Draw(image)
+        cell = self.size / GRID
+        side = rng.uniform(0.6, 0.8) * cell
+        for slot in rng.sample(range(GRID * GRID), count):  # 2 pixels kept clear at the cell's edges
+            x0 = (slot % GRID) * cell + 2 + rng.uniform(0, cell - side - 4)
+            y0 = (slot // GRID) * cell + 2 + rng.uniform(0, cell - side - 4)
+            draw_shape(draw, shape, (x0, y0, x0 + side, y0 + side), COLOURS[colour])
+        noun = shape if count == 1 else ("crosses" if shape == "cross" else shape + "s")
+        return image, f"{COUNT_WORDS[count - 1]} {colour} {noun}"
+
+
+class CaptionedImages:
+    """Image-caption pairs from a `datasets` table: row i -> (PIL image, caption). Infinity-MM's caption
+    data (paper 3.2, stage 4) is a webdataset: each row has the image under its file extension and a
+    "json" record whose conversation's model turn is the caption."""
+
+    def __init__(self, rows):
+        self.rows = rows
+        self.image_key = next((k for k in ("jpg", "jpeg", "png", "webp", "image") if k in rows.column_names), None)
+        if self.image_key is None or "json" not in rows.column_names:
+            raise ValueError(f"expected an image column and a json column, got {rows.column_names}")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = self.rows[i]
+        turns = [t for t in row["json"]["conversations"] if t["from"] == "gpt"]
+        if not turns or not turns[0]["value"].strip():
+            raise ValueError(f"row {i} ({row['json'].get('id')}) has no caption")
+        return row[self.image_key].convert("RGB"), turns[0]["value"].strip()
+
+
+def infinity_mm_captions(n: int, path: str = "BAAI/Infinity-MM", name: str | None = "stage1",
+                         data_files: str | list[str] | None = None) -> CaptionedImages:
+    """The first n pairs of Infinity-MM's stage-1 caption data (path "webdataset" + data_files: local tars).
+    Not streamed: stage 4 reads pairs by index, so a resumed run sees the same batches."""
+    import datasets
+    rows = datasets.load_dataset(path, name=name, data_files=data_files, split="train")
+    if len(rows) < n:
+        raise ValueError(f"{path} has {len(rows)} pairs, {n} were asked for")
+    return CaptionedImages(rows.select(range(n)))

@@ -266,7 +266,13 @@ def distill_loss(s: Tensor, t: Tensor, margin: float = MARGIN,
     return parts
 
 
-def text_distill_loss(student: dict[int, Tensor], target: Tensor) -> dict[str, Tensor]:
+def named_parts(per_head: dict[int, dict[str, Tensor]]) -> dict[str, Tensor]:
+    """{width: {"loss", "cos", ...}} -> {"{width}_cos": ..., ...}: the unweighted parts, for logging."""
+    return {f"{width}_{name}": value for width, parts in per_head.items()
+            for name, value in parts.items() if name != "loss"}
+
+
+def text_distill_loss(student: dict[int, Tensor], target: Tensor, short_teacher: str = "target") -> dict[str, Tensor]:
     """The loss of stages 1-3: eq. (4) for every head of the student against the teachers' target.
 
     student: {width: (m, width) unit rows}, one entry per FC head; target: (m, D) unit rows.
@@ -274,16 +280,41 @@ def text_distill_loss(student: dict[int, Tensor], target: Tensor) -> dict[str, T
     their mean joins FC1's loss, so FC1's objective keeps the scale it had in stages 1-2 (the official
     code likewise averages the similarity losses over its MRL widths).
 
+    short_teacher: what the short heads learn from: "target", the teachers' vectors (paper 2.4); "fc1",
+    FC1's own vectors, detached (the self-distillation paper 2.4 proposes but never evaluates); or
+    "both", the mean of the two losses.
+
     Returns {"loss": total, "{width}_{part}": each unweighted part of each head}.
     """
     fc1 = target.shape[-1]
     if fc1 not in student:
         raise ValueError(f"no head as wide as the target ({fc1}); the student has {sorted(student)}")
-    per_head = {width: distill_loss(vectors, target) for width, vectors in student.items()}
+    teachers = {"target": [target], "fc1": [student[fc1].detach()],
+                "both": [target, student[fc1].detach()]}
+    if short_teacher not in teachers:
+        raise ValueError(f"short_teacher must be one of {sorted(teachers)}, got {short_teacher!r}")
+    per_head = {fc1: distill_loss(student[fc1], target)}
+    for width in (w for w in student if w != fc1):
+        losses = [distill_loss(student[width], t) for t in teachers[short_teacher]]
+        per_head[width] = {name: sum(parts[name] for parts in losses) / len(losses) for name in losses[0]}
     short = [per_head[width]["loss"] for width in per_head if width != fc1]
     total = per_head[fc1]["loss"] + (sum(short) / len(short) if short else 0.0)
-    return {"loss": total, **{f"{width}_{name}": value for width, parts in per_head.items()
-                              for name, value in parts.items() if name != "loss"}}
+    return {"loss": total, **named_parts(per_head)}
+
+
+def image_distill_loss(image: dict[int, Tensor], caption: dict[int, Tensor]) -> dict[str, Tensor]:
+    """The loss of stage 4 (paper 2.5): every FC head gives a student vector for the image and a teacher
+    vector for its caption (from the frozen text side, so detached); eq. (4) per head, all three parts
+    since the widths match, averaged over the heads.
+
+    image, caption: {width: (m, width) unit rows}, the same widths.
+    Returns {"loss": mean over heads, "{width}_{part}": each unweighted part of each head}.
+    """
+    if sorted(image) != sorted(caption):
+        raise ValueError(f"image heads {sorted(image)} and caption heads {sorted(caption)} differ")
+    per_head = {width: distill_loss(image[width], caption[width].detach()) for width in image}
+    total = sum(parts["loss"] for parts in per_head.values()) / len(per_head)
+    return {"loss": total, **named_parts(per_head)}
 
 
 # ----------------------------------------------------------------------------- pooling
@@ -360,6 +391,16 @@ def load_vision_encoder(spec: str | dict) -> SiglipVisionModel:
     return SiglipVisionModel.from_pretrained(spec, vision_use_head=False, attn_implementation="sdpa")
 
 
+def load_image_processor(spec: str | dict):
+    """The vision encoder's preprocessing (resize, rescale, normalize to SigLIP's mean/std 0.5): from a
+    hub id or folder, or for a config dict, SigLIP's defaults at the config's image size."""
+    if isinstance(spec, dict):
+        from transformers import SiglipImageProcessorPil
+        return SiglipImageProcessorPil(size={"height": spec["image_size"], "width": spec["image_size"]})
+    from transformers import AutoImageProcessor
+    return AutoImageProcessor.from_pretrained(spec)
+
+
 def encoder_layers(model: nn.Module) -> nn.ModuleList:
     """The stack of transformer blocks of a transformers model (Qwen2: .layers, BERT: .encoder.layer)."""
     for module in model.modules():
@@ -403,8 +444,7 @@ class Jasper(nn.Module):
         self.heads = nn.ModuleDict({str(d): nn.Linear(width, d) for d in config.head_dims})
         self.vision = self.pooler = None
         if config.vision_encoder is not None:
-            self.vision = load_vision_encoder(config.vision_encoder)
-            self.pooler = VisionPooler(self.vision.config.hidden_size, width, config.image_tokens)
+            self.add_vision(config.vision_encoder, config.image_tokens)
 
     @property
     def fc1(self) -> nn.Linear:
@@ -417,6 +457,14 @@ class Jasper(nn.Module):
         width = self.text.config.hidden_size
         for d in new_dims:
             self.heads[str(d)] = nn.Linear(width, d).to(self.fc1.weight.device, self.fc1.weight.dtype)
+
+    def add_vision(self, spec: str | dict, image_tokens: int) -> None:
+        """Stage 4: attach a vision encoder and a fresh pooler to a text-only model."""
+        self.config = replace(self.config, vision_encoder=spec, image_tokens=image_tokens)
+        self.vision = load_vision_encoder(spec)
+        self.pooler = VisionPooler(self.vision.config.hidden_size, self.text.config.hidden_size, image_tokens)
+        self.vision.to(self.fc1.weight.device)
+        self.pooler.to(self.fc1.weight.device)
 
     def embed_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(B, L) token ids and mask -> (B, H) mean-pooled hidden states."""
@@ -431,6 +479,7 @@ class Jasper(nn.Module):
         The image tokens alone form the LM's input sequence (no text around them)."""
         if self.vision is None:
             raise ValueError("this Jasper has no vision encoder (JasperConfig.vision_encoder is None)")
+        pixel_values = pixel_values.to(self.pooler.mlp[0].weight.dtype)  # bf16 under DeepSpeed on GPU
         tokens = self.pooler(self.vision(pixel_values=pixel_values).last_hidden_state)  # (B, k*k, H)
         mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
         hidden = self.text(inputs_embeds=tokens, attention_mask=mask).last_hidden_state

@@ -1,44 +1,79 @@
-"""Summarize a run: the held-out distillation losses per stage and head, and the loss curves.
+"""Summarize runs: the held-out scores per stage and head, the loss curves, stage 4's retrieval, and a
+comparison of stage-3 runs that differ only in what teaches the short heads (self-distillation).
 
-    python report.py runs/toy        # prints a markdown table, writes runs/toy/losses.png
+    python report.py runs/toy                  # markdown tables; writes runs/toy/losses.png
+    python report.py --compare runs/sd-target runs/sd-fc1 runs/sd-both
 """
 
+import argparse
 import csv
 import json
-import sys
 from pathlib import Path
 
 import jasper
 
 
-def head_losses(parts: dict[str, float]) -> dict[int, dict[str, float]]:
-    """{"1152_cos": .., "256_sim": ..} -> {1152: {"cos": .., "sim": .., "resim": .., "loss": weighted}}."""
+def head_scores(scores: dict[str, float]) -> dict[int, dict[str, float]]:
+    """{"1152_cos": .., "256_sim": .., "256_spearman": ..} -> {1152: {"cos": .., ..., "loss": eq. (4)}, ...}.
+    "loss" is eq. (4) over the head's own parts: the weighted sum of those it has."""
     heads = {}
-    for key, value in parts.items():
-        if key != "loss":
-            width, part = key.split("_")
-            heads.setdefault(int(width), {})[part] = value
-    for losses in heads.values():
-        losses["loss"] = sum(jasper.LOSS_WEIGHTS[p] * v for p, v in losses.items())
+    for key, value in scores.items():
+        width, _, name = key.partition("_")
+        if name:
+            heads.setdefault(int(width), {})[name] = value
+    for head in heads.values():
+        head["loss"] = sum(jasper.LOSS_WEIGHTS[p] * v for p, v in head.items() if p in jasper.LOSS_WEIGHTS)
     return heads
 
 
+def cell(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def table(out: Path) -> str:
+    """Every stage's held-out eq. (4) parts per head, before -> after, and how well each head orders
+    the held-out text pairs like the teachers (Spearman; stages 1-3)."""
     rows = ["| stage | steps | time (s) | trainable params | head | held-out cos | sim | resim | "
-            "loss (eq. 4) before -> after |", "|---|---|---|---|---|---|---|---|---|"]
+            "loss (eq. 4) before -> after | pair order (Spearman) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for eval_file in sorted(out.glob("stage*/eval.json")):
         result = json.loads(eval_file.read_text())
-        before, after = head_losses(result["heldout_before"]), head_losses(result["heldout_after"])
-        for k, (width, losses) in enumerate(after.items()):
+        before, after = head_scores(result["heldout_before"]), head_scores(result["heldout_after"])
+        for k, (width, head) in enumerate(after.items()):
             lead = (f"| {result['stage']} | {result['plan']['steps']} | {result['seconds']:.0f} | "
                     f"{result['trainable_parameters']:,} " if k == 0 else "| | | | ")
-            cos = f"{losses['cos']:.4f}" if "cos" in losses else "-"
-            rows.append(f"{lead}| FC {width} | {cos} | {losses['sim']:.5f} | {losses['resim']:.5f} | "
-                        f"{before[width]['loss']:.3f} -> {losses['loss']:.3f} |")
+            rows.append(f"{lead}| FC {width} | {cell(head.get('cos'), 4)} | {head['sim']:.5f} | {head['resim']:.5f} | "
+                        f"{before[width]['loss']:.3f} -> {head['loss']:.3f} | {cell(head.get('spearman'), 3)} |")
+    return "\n".join(rows)
+
+
+def retrieval_table(out: Path) -> str:
+    """Stage 4: held-out recall@1 per head, before -> after, with the chance level."""
+    result = json.loads((out / "stage4" / "eval.json").read_text())
+    before, after = head_scores(result["heldout_before"]), head_scores(result["heldout_after"])
+    rows = ["| head | image -> caption R@1 | caption -> image R@1 | chance |", "|---|---|---|---|"]
+    for width, head in after.items():
+        rows.append(f"| FC {width} | {before[width]['i2c']:.3f} -> {head['i2c']:.3f} | "
+                    f"{before[width]['c2i']:.3f} -> {head['c2i']:.3f} | {result['heldout_after']['chance']:.3f} |")
+    return "\n".join(rows)
+
+
+def compare(runs: list[Path]) -> str:
+    """Stage-3 runs side by side per short head: held-out L_sim, L_resim and eq. (4) against the teachers'
+    target, and the Spearman pair order, whatever taught the head in training."""
+    results = [json.loads((run / "stage3" / "eval.json").read_text()) for run in runs]
+    rows = ["| head | short heads taught by | held-out sim | resim | 200 sim + 20 resim | pair order (Spearman) |",
+            "|---|---|---|---|---|---|"]
+    widths = list(head_scores(results[0]["heldout_after"]))
+    for width in widths:
+        for result in results:
+            head = head_scores(result["heldout_after"])[width]
+            rows.append(f"| FC {width} | {result['short_teacher']} | {head['sim']:.5f} | {head['resim']:.5f} | "
+                        f"{head['loss'] - 10 * head.get('cos', 0):.3f} | {head['spearman']:.4f} |")
     return "\n".join(rows)
 
 
 def plot(out: Path) -> Path:
+    """One panel per stage: the total loss and each weighted part of each head, per step."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -61,6 +96,14 @@ def plot(out: Path) -> Path:
 
 
 if __name__ == "__main__":
-    run = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/toy")
-    print(table(run))
-    print(f"\nloss curves: {plot(run)}")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", nargs="?", type=Path, default=Path("runs/toy"))
+    ap.add_argument("--compare", nargs="+", type=Path, help="stage-3 runs to put side by side")
+    args = ap.parse_args()
+    if args.compare:
+        print(compare(args.compare))
+    else:
+        print(table(args.run))
+        if (args.run / "stage4" / "eval.json").is_file():
+            print("\n" + retrieval_table(args.run))
+        print(f"\nloss curves: {plot(args.run)}")

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The toy preset end to end, offline: stages 1-3 into runs/toy (or $1), then the held-out report.
+# The toy preset end to end, offline: stages 1-4 into runs/toy (or $1), then the held-out report.
 set -euo pipefail
 cd "$(dirname "$0")"
 out=${1:-runs/toy}
-for stage in 1 2 3; do
+for stage in 1 2 3 4; do
   python train.py --stage "$stage" --preset toy --out "$out"
 done
 python report.py "$out"

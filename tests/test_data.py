@@ -186,3 +186,87 @@ def test_bad_teacher_output_is_rejected(tmp_path, minilm):
         cache.fill(TEXTS, {"a": nan_teacher})
     with pytest.raises(ValueError, match="shape"):
         cache.fill(TEXTS, {"a": lambda texts: minilm(texts)[:, :10]})
+
+
+# ----------------------------------------------------------------------------- image-caption pairs (stage 4)
+
+def blobs(mask: np.ndarray) -> list[np.ndarray]:
+    """The 4-connected components of a boolean image, each as a boolean mask (a plain flood fill)."""
+    seen, found = np.zeros_like(mask), []
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        blob, stack = np.zeros_like(mask), [start]
+        while stack:
+            y, x = stack.pop()
+            if 0 <= y < mask.shape[0] and 0 <= x < mask.shape[1] and mask[y, x] and not seen[y, x]:
+                seen[y, x] = blob[y, x] = True
+                stack += [(y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)]
+        found.append(blob)
+    return found
+
+
+def shape_of(blob: np.ndarray) -> str:
+    """Tell the four shapes apart by how they fill their bounding box."""
+    rows, cols = np.nonzero(blob)
+    box = blob[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    fill = box.mean()
+    if fill > 0.95:
+        return "square"
+    if fill > 0.7:
+        return "circle"
+    return "triangle" if box[-1].mean() > 0.9 and box[0].mean() < 0.5 else "cross"
+
+
+def test_shape_scenes_draw_exactly_what_the_caption_says():
+    scenes = data.ShapeScenes(60, seed=1)
+    captions = set()
+    for i in range(len(scenes)):
+        image, caption = scenes[i]
+        count, colour, noun = caption.split()
+        pixels = np.asarray(image).astype(int)
+        painted = (pixels != 255).any(-1)
+        assert (pixels[painted] == data.COLOURS[colour]).all()  # one colour, the caption's, nothing else
+        found = blobs(painted)
+        assert len(found) == data.COUNT_WORDS.index(count) + 1
+        singular = noun if noun in data.SHAPES else "cross" if noun == "crosses" else noun[:-1]
+        assert {shape_of(b) for b in found} == {singular}
+        captions.add(caption)
+    assert len(captions) > 30  # of the 72
+    again = data.ShapeScenes(60, seed=1)[7]
+    assert again[1] == scenes[7][1] and np.array_equal(np.asarray(again[0]), np.asarray(scenes[7][0]))
+    assert not np.array_equal(np.asarray(data.ShapeScenes(60, seed=2)[7][0]), np.asarray(scenes[7][0]))
+    with pytest.raises(IndexError):
+        scenes[60]
+
+
+def webdataset_tar(path, captions):
+    """A tar in Infinity-MM's layout: NNNNN.jpg + NNNNN.json with a human/gpt conversation."""
+    import io
+    import tarfile
+    from PIL import Image
+    with tarfile.open(path, "w") as tar:
+        for k, caption in enumerate(captions):
+            image = io.BytesIO()
+            Image.new("RGB", (24, 16), (10 * k, 200, 0)).save(image, "PNG")
+            record = {"id": str(k), "source": "test", "image": f"/images/{k}.png",
+                      "conversations": [{"from": "human", "value": "<image>\nDescribe the image."},
+                                        {"from": "gpt", "value": caption}]}
+            for name, payload in ((f"{k:05d}.png", image.getvalue()), (f"{k:05d}.json", json.dumps(record).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return str(path)
+
+
+def test_infinity_mm_loader_reads_local_webdataset_tars(tmp_path):
+    tar = webdataset_tar(tmp_path / "part-0.tar", ["A dog on a beach.", " Two cups. ", "A red car."])
+    pairs = data.infinity_mm_captions(2, "webdataset", name=None, data_files=[tar])
+    assert len(pairs) == 2
+    image, caption = pairs[1]
+    assert caption == "Two cups." and image.size == (24, 16) and image.getpixel((3, 3)) == (10, 200, 0)
+    with pytest.raises(ValueError, match="4 were asked"):
+        data.infinity_mm_captions(4, "webdataset", name=None, data_files=[tar])
+    empty = webdataset_tar(tmp_path / "part-1.tar", ["  "])
+    with pytest.raises(ValueError, match="no caption"):
+        data.infinity_mm_captions(1, "webdataset", name=None, data_files=[empty])[0]

@@ -216,6 +216,60 @@ def test_distill_loss_weights_and_heads():
     assert float(short["loss"]) == pytest.approx(float(200 * short["sim"] + 20 * short["resim"]), rel=1e-12)
 
 
+def eq4_loop(s, t):
+    """Eq. (4) from the loops: cos only when the widths match."""
+    total = 200 * similarity_loop(s, t) + 20 * resim_loop(s, t, jasper.MARGIN)
+    return total + (10 * cosine_loop(s, t) if s.shape[1] == t.shape[1] else 0.0)
+
+
+def heads(m, widths, seed):
+    return {w: unit_rows(m, w, seed + k) for k, w in enumerate(widths)}
+
+
+@pytest.mark.parametrize("short_teacher", ["target", "fc1", "both"])
+def test_text_distill_loss_equals_loops(short_teacher):
+    """Stage 3: FC1 against the target plus the mean over the short heads; each short head learns from
+    the target, from FC1's vectors (self-distillation) or the mean of both."""
+    student, target = heads(6, [12, 5, 3], 0), unit_rows(6, 12, 9)
+    teachers = {"target": [target], "fc1": [student[12]], "both": [target, student[12]]}[short_teacher]
+    short = [sum(eq4_loop(student[w], t) for t in teachers) / len(teachers) for w in (5, 3)]
+    expected = eq4_loop(student[12], target) + sum(short) / 2
+    parts = jasper.text_distill_loss(student, target, short_teacher)
+    assert float(parts["loss"]) == pytest.approx(expected, rel=1e-9)
+    assert set(parts) == {"loss", "12_cos", "12_sim", "12_resim", "5_sim", "5_resim", "3_sim", "3_resim"}
+    assert float(parts["5_sim"]) == pytest.approx(sum(similarity_loop(student[5], t) for t in teachers)
+                                                  / len(teachers), rel=1e-9)
+
+
+def test_self_distillation_does_not_move_fc1_toward_the_short_heads():
+    """FC1's vectors teach the short heads detached: the short heads' loss sends no gradient into FC1."""
+    student, target = heads(6, [12, 5], 0), unit_rows(6, 12, 9)
+    fc1 = student[12].clone().requires_grad_(True)
+    total = jasper.text_distill_loss({12: fc1, 5: student[5]}, target, "fc1")["loss"]
+    fc1_alone = jasper.distill_loss(fc1, target)["loss"]
+    torch.testing.assert_close(torch.autograd.grad(total, fc1)[0], torch.autograd.grad(fc1_alone, fc1)[0],
+                               rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="short_teacher"):
+        jasper.text_distill_loss(student, target, "teacher")
+    with pytest.raises(ValueError, match="as wide as the target"):
+        jasper.text_distill_loss({5: student[5]}, target)
+
+
+def test_image_distill_loss_is_the_mean_of_eq4_over_heads():
+    """Stage 4: every head's image vectors against the same head's caption vectors, all three losses."""
+    image, caption = heads(5, [12, 4], 0), heads(5, [12, 4], 7)
+    expected = (eq4_loop(image[12], caption[12]) + eq4_loop(image[4], caption[4])) / 2
+    parts = jasper.image_distill_loss(image, caption)
+    assert float(parts["loss"]) == pytest.approx(expected, rel=1e-9)
+    assert {"12_cos", "4_cos", "4_resim"} <= set(parts)
+    image_12, caption_12 = image[12].clone().requires_grad_(True), caption[12].clone().requires_grad_(True)
+    loss = jasper.image_distill_loss({12: image_12, 4: image[4]}, {12: caption_12, 4: caption[4]})["loss"]
+    image_grad, caption_grad = torch.autograd.grad(loss, [image_12, caption_12], allow_unused=True)
+    assert image_grad is not None and caption_grad is None  # the caption side is the teacher
+    with pytest.raises(ValueError, match="differ"):
+        jasper.image_distill_loss(image, {12: caption[12]})
+
+
 # ----------------------------------------------------------------------------- bad input
 
 BAD = [

@@ -1,5 +1,6 @@
 """train.py end to end on a tiny corpus with the toy preset's real models (MiniLM student, MiniLM +
-MPNet teachers): stages 1-3, what each stage changes, K ranks == one rank, kill -9 and resume."""
+MPNet teachers): stages 1-4, what each stage changes, self-distillation, K ranks == one rank, kill -9
+and resume."""
 
 import csv
 import json
@@ -16,6 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import data
+import jasper
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +59,7 @@ def pipeline(tmp_path_factory):
     run_train(out, *STAGE1)
     run_train(out, "--stage", "2", *TINY, "--steps", "4")
     run_train(out, "--stage", "3", *TINY, "--steps", "4")
+    run_train(out, "--stage", "4", *TINY, "--steps", "4")
     return out
 
 
@@ -86,15 +90,51 @@ def test_resume_log_drops_rows_after_the_checkpoint(tmp_path):
     assert log_file.read_text().split() == ["step,loss", "0,3.0", "1,2.0", "2,0.5"]
 
 
+def test_paper_preset_follows_section_3_1():
+    p = train.preset("paper")
+    per_gpu = {stage: (plan.batch_size / 8, plan.lr, plan.steps) for stage, plan in p.stages.items()}
+    assert per_gpu == {1: (128, 1e-4, 4000), 2: (128, 8e-5, 7000), 3: (128, 7e-5, 2200), 4: (90, 1e-4, 3500)}
+    assert (p.max_length, p.mrl_dims, p.n_texts) == (512, [1024, 512, 256], 8_000_000)
+    assert p.vision_encoder == "google/siglip-so400m-patch14-384" and p.image_tokens == 9 * 9  # 27 x 27 patches
+    assert p.n_pairs - p.heldout_pairs == p.stages[4].batch_size * p.stages[4].steps  # every pair seen once
+
+
+def test_spearman_equals_a_loop():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(50, generator=g, dtype=torch.float64)
+    b = a + torch.randn(50, generator=g, dtype=torch.float64)
+    rank_a = [sum(x < v for x in a.tolist()) for v in a.tolist()]
+    rank_b = [sum(x < v for x in b.tolist()) for v in b.tolist()]
+    n = len(a)  # no ties: rho = 1 - 6 sum d^2 / (n (n^2 - 1))
+    rho = 1 - 6 * sum((ra - rb) ** 2 for ra, rb in zip(rank_a, rank_b)) / (n * (n * n - 1))
+    assert train.spearman(a, b) == pytest.approx(rho, abs=1e-12)
+    assert train.spearman(a, -a) == pytest.approx(-1.0)
+
+
+def test_recall_at_1_equals_a_loop_and_counts_equal_captions_alike():
+    captions = ["a", "b", "a", "c", "d"]
+    sim = torch.tensor([[0.1, 0.0, 0.9, 0.0, 0.0],   # image 0 -> caption 2, also "a": a hit
+                        [0.0, 0.2, 0.0, 0.9, 0.0],   # image 1 -> caption 3 ("c"): a miss
+                        [0.5, 0.0, 0.4, 0.0, 0.0],   # image 2 -> caption 0, also "a": a hit
+                        [0.0, 0.0, 0.0, 0.7, 0.0],
+                        [0.0, 0.8, 0.0, 0.0, 0.3]])  # image 4 -> caption 1 ("b"): a miss
+    i2c = sum(captions[int(sim[i].argmax())] == captions[i] for i in range(5)) / 5
+    c2i = sum(captions[int(sim[:, j].argmax())] == captions[j] for j in range(5)) / 5
+    chance = sum(a == b for a in captions for b in captions) / 25
+    assert train.recall_at_1(sim, captions) == pytest.approx((i2c, c2i, chance))
+    assert (i2c, c2i, chance) == (0.6, 0.6, 7 / 25)
+
+
 # ----------------------------------------------------------------------------- the pipeline
 
 def test_each_stage_writes_a_model_a_log_and_its_heldout_loss(pipeline):
-    for stage, steps in ((1, 40), (2, 4), (3, 4)):
+    for stage, steps in ((1, 40), (2, 4), (3, 4), (4, 4)):
         folder = pipeline / f"stage{stage}"
         log = read_log(folder / "log.csv")
         assert [row["step"] for row in log] == list(range(steps))
         result = json.loads((folder / "eval.json").read_text())
-        assert result["steps_run"] == steps and result["tokens_per_second"] > 0
+        assert result["steps_run"] == steps and result["examples_per_second"] > 0
+        assert (result.get("tokens_per_second", 0) > 0) == (stage < 4)  # images have no tokens to count
         assert not (folder / "checkpoints").exists()
     stage3_columns = list(read_log(pipeline / "stage3" / "log.csv")[0])
     assert stage3_columns == ["step", "lr", "loss", "1152_cos", "1152_sim", "1152_resim", "256_sim",
@@ -109,13 +149,46 @@ def test_stage1_loss_falls(pipeline):
 
 
 def test_between_stages_only_the_trained_parameters_change(pipeline):
-    stage1, stage2, stage3 = (weights(pipeline / f"stage{k}") for k in (1, 2, 3))
+    stage1, stage2, stage3, stage4 = (weights(pipeline / f"stage{k}") for k in (1, 2, 3, 4))
     changed_in_2 = {k for k in stage1 if not torch.equal(stage1[k], stage2[k])}
     last_three = ("text.encoder.layer.3.", "text.encoder.layer.4.", "text.encoder.layer.5.")  # MiniLM: 6 layers
     assert changed_in_2 == {k for k in stage1 if k.startswith(("heads.1152.", *last_three))}
     changed_in_3 = {k for k in stage2 if not torch.equal(stage2[k], stage3[k])}
     assert changed_in_3 == set(stage2)  # everything on the text side
     assert set(stage3) - set(stage2) == {f"heads.{d}.{w}" for d in (256, 128, 64) for w in ("weight", "bias")}
+    assert all(torch.equal(stage3[k], stage4[k]) for k in stage3)  # stage 4 leaves the text side as it was
+    assert {k.split(".")[0] for k in set(stage4) - set(stage3)} == {"pooler"}  # the vision tower is in vision/
+
+
+def test_stage4_trains_the_vision_side_and_scores_retrieval(pipeline):
+    folder = pipeline / "stage4"
+    result = json.loads((folder / "eval.json").read_text())
+    model = jasper.Jasper.from_pretrained(folder)
+    vision = sum(p.numel() for p in model.vision.parameters()) + sum(p.numel() for p in model.pooler.parameters())
+    assert result["trainable_parameters"] == vision
+    assert (folder / "vision" / "preprocessor_config.json").is_file()
+    after = result["heldout_after"]
+    assert set(after) >= {"loss", "1152_cos", "64_resim", "1152_i2c", "1152_c2i", "64_c2i", "chance"}
+    assert 0.01 < after["chance"] < 0.03  # 200 held-out pairs over 72 captions
+    assert after["loss"] < result["heldout_before"]["loss"]  # 4 steps already move the images' vectors
+    processor = jasper.load_image_processor(str(folder / "vision"))
+    image, _ = data.ShapeScenes(1)[0]
+    with torch.no_grad():
+        vectors = model(pixel_values=processor([image], return_tensors="pt")["pixel_values"])
+    assert sorted(vectors) == [64, 128, 256, 1152]
+
+
+def test_self_distillation_changes_only_what_teaches_the_short_heads(pipeline, tmp_path):
+    copy_data(pipeline, tmp_path)
+    shutil.copytree(pipeline / "stage2", tmp_path / "stage2")
+    run_train(tmp_path, "--stage", "3", *TINY, "--steps", "4", "--short-teacher", "fc1")
+    assert json.loads((tmp_path / "stage3" / "eval.json").read_text())["short_teacher"] == "fc1"
+    fc1, target = read_log(tmp_path / "stage3" / "log.csv")[0], read_log(pipeline / "stage3" / "log.csv")[0]
+    assert fc1["1152_cos"] == pytest.approx(target["1152_cos"], rel=1e-6)  # same model, same batch
+    assert fc1["64_sim"] != pytest.approx(target["64_sim"], rel=1e-3)  # another teacher for the short heads
+    bad = subprocess.run(train_command(tmp_path, "--stage", "2", *TINY, "--short-teacher", "fc1"), cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "applies to stage 3" in bad.stderr
 
 
 # ----------------------------------------------------------------------------- distributed and resume
