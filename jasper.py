@@ -497,9 +497,10 @@ class Jasper(nn.Module):
         return {int(d): F.normalize(head(pooled.to(head.weight.dtype)).float(), dim=-1)
                 for d, head in self.heads.items()}
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, prompts: dict[str, str] | None = None) -> None:
         """path/text (transformers folder), path/vision, path/jasper.safetensors (pooler + heads),
-        path/jasper_config.json."""
+        path/jasper_config.json; and the files that make the folder a sentence-transformers model of
+        the text side (see save_sentence_transformer_modules), with `prompts` (e.g. {"query": ...})."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.text.save_pretrained(path / "text")
@@ -511,6 +512,29 @@ class Jasper(nn.Module):
         config = replace(self.config, text_encoder="text",
                          vision_encoder=None if self.vision is None else "vision")
         (path / "jasper_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+        self.save_sentence_transformer_modules(path, prompts or {})
+
+    def save_sentence_transformer_modules(self, path: Path, prompts: dict[str, str]) -> None:
+        """Make `path` loadable as `SentenceTransformer(path)`: text/ (the encoder; its tokenizer goes
+        there too) -> mean pooling -> FC1 as a Dense layer -> normalize, the pipeline of embed_text and
+        forward. Every head is saved as 2_Dense_{width}, the way the released Stella ships its widths;
+        another head replaces module 2: `st[2] = Dense.load(f"{path}/2_Dense_256")`."""
+        from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+        saved = {"1_Pooling": Pooling(self.text.config.hidden_size, "mean"), "3_Normalize": Normalize()}
+        for width, head in self.heads.items():
+            saved[f"2_Dense_{width}"] = Dense(head.in_features, head.out_features, activation_function=nn.Identity())
+            saved[f"2_Dense_{width}"].linear.load_state_dict(head.state_dict())
+        for folder, module in saved.items():
+            (path / folder).mkdir(exist_ok=True)
+            module.save(str(path / folder))
+        modules = [(Transformer, "text"), (Pooling, "1_Pooling"), (Dense, f"2_Dense_{self.config.head_dims[0]}"),
+                   (Normalize, "3_Normalize")]
+        (path / "modules.json").write_text(json.dumps(
+            [{"idx": k, "name": str(k), "path": folder, "type": f"{module.__module__}.{module.__qualname__}"}
+             for k, (module, folder) in enumerate(modules)], indent=2) + "\n")
+        (path / "config_sentence_transformers.json").write_text(json.dumps(
+            {"model_type": "SentenceTransformer", "prompts": prompts, "default_prompt_name": None,
+             "similarity_fn_name": "cosine"}, indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "Jasper":

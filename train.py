@@ -498,7 +498,8 @@ def main(argv=None):
     after = evaluate(engine.module)
     if rank == 0:
         log.close()
-        engine.module.save_pretrained(stage_dir)
+        engine.module.save_pretrained(stage_dir, prompts={"query": data.QUERY_PROMPT, "document": ""})
+        tokenizer.model_max_length = p.max_length  # sentence-transformers truncates there
         tokenizer.save_pretrained(stage_dir / "text")
         if args.stage == 4:
             processor.save_pretrained(stage_dir / "vision")

@@ -191,6 +191,27 @@ def test_save_and_load_round_trip_exactly(tmp_path):
     assert all(not layer.self_attn.is_causal for layer in loaded.text.layers)
 
 
+def test_a_saved_folder_is_a_sentence_transformers_model_of_every_head(tmp_path):
+    from sentence_transformers.sentence_transformer.modules import Dense
+    torch.manual_seed(0)
+    model = jasper.Jasper(jasper.JasperConfig(text_encoder=MINILM, head_dims=[48, 16])).eval()
+    tokenizer = AutoTokenizer.from_pretrained(MINILM)
+    model.save_pretrained(tmp_path / "m", prompts={"query": "Query: ", "document": ""})
+    tokenizer.save_pretrained(tmp_path / "m" / "text")
+    st = SentenceTransformer(str(tmp_path / "m"), device="cpu")
+    texts = ["How do I sort a list?", "A much longer text, so that the batch needs padding at the end.", "x"]
+    def embed(batch):
+        tokens = tokenizer(batch, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            return model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+    reference, queries = embed(texts), embed(["Query: " + t for t in texts])
+    torch.testing.assert_close(st.encode(texts, convert_to_tensor=True), reference[48], atol=1e-5, rtol=0)
+    st[2] = Dense.load(str(tmp_path / "m" / "2_Dense_16"))  # the other head
+    torch.testing.assert_close(st.encode(texts, convert_to_tensor=True), reference[16], atol=1e-5, rtol=0)
+    torch.testing.assert_close(st.encode(texts, prompt_name="query", convert_to_tensor=True), queries[16],
+                               atol=1e-5, rtol=0)
+
+
 def test_loading_a_folder_that_does_not_match_its_config_fails(tmp_path):
     build().save_pretrained(tmp_path / "m")
     config_file = tmp_path / "m" / "jasper_config.json"
