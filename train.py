@@ -234,11 +234,19 @@ def mean_over_batches(loss, student: dict[int, torch.Tensor], teacher, n: int) -
     return {name: total / len(starts) for name, total in sums.items()}
 
 
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of a 1-d tensor; equal values share the mean of the ranks they span."""
+    values, order = x.sort()
+    _, group, counts = torch.unique_consecutive(values, return_inverse=True, return_counts=True)
+    last = counts.cumsum(0).double()  # the rank of each group's last member
+    ranks = torch.empty(len(x), dtype=torch.float64, device=x.device)
+    ranks[order] = (last - (counts - 1) / 2)[group]
+    return ranks
+
+
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman's rank correlation of two 1-d score vectors (continuous scores: no tie correction)."""
-    ranks = [torch.empty_like(x, dtype=torch.float64).scatter_(0, x.argsort(), torch.arange(len(x), dtype=torch.float64))
-             for x in (a, b)]
-    return float(torch.corrcoef(torch.stack(ranks))[0, 1])
+    """Spearman's rank correlation of two 1-d score vectors: Pearson's r of their average ranks."""
+    return float(torch.corrcoef(torch.stack([average_ranks(a), average_ranks(b)]))[0, 1])
 
 
 def heldout_text_scores(model: jasper.Jasper, tokenizer, texts: list[str], cache: data.TeacherCache,

@@ -8,9 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,21 +18,7 @@ from safetensors.torch import load_file
 import data
 import jasper
 import train
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--preset", "toy", "--n-texts", "96", "--heldout", "32", "--batch-size", "8"]
-STAGE1 = ["--stage", "1", *TINY, "--steps", "40", "--checkpoint-every", "10"]
-
-
-def train_command(out, *args, ranks=None):
-    launcher = [sys.executable] if ranks is None else [shutil.which("deepspeed"), "--num_gpus", str(ranks)]
-    return [*launcher, str(ROOT / "train.py"), *args, "--out", str(out)]
-
-
-def run_train(out, *args, ranks=None):
-    done = subprocess.run(train_command(out, *args, ranks=ranks), cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+from conftest import ROOT, STAGE1, TINY, run_train, train_command
 
 
 def copy_data(source, out):
@@ -50,17 +34,6 @@ def read_log(path):
 def weights(stage_dir):
     return {**{f"text.{k}": v for k, v in load_file(stage_dir / "text" / "model.safetensors").items()},
             **load_file(stage_dir / "jasper.safetensors")}
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """Stages 1, 2 and 3 run one after another into one folder."""
-    out = tmp_path_factory.mktemp("pipeline")
-    run_train(out, *STAGE1)
-    run_train(out, "--stage", "2", *TINY, "--steps", "4")
-    run_train(out, "--stage", "3", *TINY, "--steps", "4")
-    run_train(out, "--stage", "4", *TINY, "--steps", "4")
-    return out
 
 
 # ----------------------------------------------------------------------------- pure parts
@@ -99,16 +72,27 @@ def test_paper_preset_follows_section_3_1():
     assert p.n_pairs - p.heldout_pairs == p.stages[4].batch_size * p.stages[4].steps  # every pair seen once
 
 
-def test_spearman_equals_a_loop():
+def test_spearman_equals_a_loop_with_and_without_ties():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(50, generator=g, dtype=torch.float64)
     b = a + torch.randn(50, generator=g, dtype=torch.float64)
-    rank_a = [sum(x < v for x in a.tolist()) for v in a.tolist()]
-    rank_b = [sum(x < v for x in b.tolist()) for v in b.tolist()]
-    n = len(a)  # no ties: rho = 1 - 6 sum d^2 / (n (n^2 - 1))
-    rho = 1 - 6 * sum((ra - rb) ** 2 for ra, rb in zip(rank_a, rank_b)) / (n * (n * n - 1))
+    gold = torch.randint(0, 6, (50,), generator=g).double()  # STS-like scores 0-5: many ties
+
+    def ranks(x):  # 1 + values below + half the other equal values
+        x = x.tolist()
+        return [1 + sum(y < v for y in x) + (sum(y == v for y in x) - 1) / 2 for v in x]
+
+    def pearson(x, y):
+        mx, my = sum(x) / len(x), sum(y) / len(y)
+        cov = sum((p - mx) * (q - my) for p, q in zip(x, y))
+        return cov / (sum((p - mx) ** 2 for p in x) * sum((q - my) ** 2 for q in y)) ** 0.5
+
+    n = len(a)  # without ties: rho = 1 - 6 sum d^2 / (n (n^2 - 1))
+    rho = 1 - 6 * sum((ra - rb) ** 2 for ra, rb in zip(ranks(a), ranks(b))) / (n * (n * n - 1))
     assert train.spearman(a, b) == pytest.approx(rho, abs=1e-12)
     assert train.spearman(a, -a) == pytest.approx(-1.0)
+    assert train.average_ranks(torch.tensor([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
+    assert train.spearman(a, gold) == pytest.approx(pearson(ranks(a), ranks(gold)), abs=1e-12)
 
 
 def test_recall_at_1_equals_a_loop_and_counts_equal_captions_alike():
@@ -205,11 +189,12 @@ def test_two_ranks_train_exactly_like_one_rank_with_twice_the_batch(pipeline, tm
     one, two = read_log(tmp_path / "one/stage2/log.csv"), read_log(tmp_path / "two/stage2/log.csv")
     for a, b in zip(one, two, strict=True):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
-    # Adam divides by the gradient's size, so where a gradient is ~0 the rounding of the rank sum
-    # moves a weight by a few % of one step (lr 1e-4): compare at 1e-5, a tenth of one step
     start, w1, w2 = (weights(tmp_path / name) for name in ("one/stage1", "one/stage2", "two/stage2"))
-    for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=0)
+    diff = torch.cat([(w1[k] - w2[k]).abs().flatten() for k in w1])
+    # Adam divides by the gradient's size, so where a gradient is ~0 the rounding of the rank sum moves a
+    # weight by a share of one step (lr 2e-4); measured: 562 of 23M weights differ by more than 1e-6, at
+    # most by 1.03e-5. A wrong gradient would move most weights apart by up to a step.
+    assert float((diff > 1e-6).double().mean()) < 1e-4 and float(diff.max()) < 5e-5
     assert max(float((w1[k] - start[k]).abs().max()) for k in w1) > 2e-4  # the 3 steps did move weights
 
 
