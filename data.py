@@ -28,8 +28,14 @@ from tqdm.auto import tqdm
 
 import jasper
 
-# Stella v5's retrieval prompt (s2p_query), also NV-Embed-v2's "Instruct: ...\nQuery: " format.
-QUERY_PROMPT = "Instruct: Given a web search query, retrieve relevant passages that answer the query.\nQuery: "
+
+def instruction_prompt(instruction: str) -> str:
+    """The text put before a query: Stella v5's and NV-Embed-v2's "Instruct: ...\nQuery: " format."""
+    return f"Instruct: {instruction}\nQuery: "
+
+
+# Stella v5's retrieval prompt (s2p_query)
+QUERY_PROMPT = instruction_prompt("Given a web search query, retrieve relevant passages that answer the query.")
 PASSAGE_SHARE, CHUNK_SHARE, SHUFFLE_SHARE = 0.8, 0.3, 0.0008  # paper 3.2
 MAX_CHUNK_SENTENCES = 10
 

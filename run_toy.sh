@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The toy preset end to end, offline: stages 1-4 into runs/toy (or $1), then the held-out report.
+# The toy preset end to end, offline: stages 1-4 into runs/toy (or $1), the held-out report, then the
+# STS Benchmark and instruction-robustness tables.
 set -euo pipefail
 cd "$(dirname "$0")"
 out=${1:-runs/toy}
@@ -7,3 +8,4 @@ for stage in 1 2 3 4; do
   python train.py --stage "$stage" --preset toy --out "$out"
 done
 python report.py "$out"
+python evaluate.py "$out"
