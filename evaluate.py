@@ -91,6 +91,8 @@ def sentence_transformer(stage_dir: str | Path, width: int | None = None, device
     """A saved stage as a SentenceTransformer, with the `width`-d head in place of FC1 if given."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Dense
+    if not (Path(stage_dir) / "modules.json").is_file():  # else sentence-transformers looks for it on the hub
+        raise FileNotFoundError(f"{stage_dir} is not a saved stage (no modules.json); pass one, e.g. runs/toy/stage3")
     model = SentenceTransformer(str(stage_dir), device=device)
     if width is not None:
         head = Path(stage_dir) / f"2_Dense_{width}"

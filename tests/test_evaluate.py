@@ -95,6 +95,8 @@ def test_missing_head_and_unfinished_run_fail_clearly(pipeline, tmp_path):
         evaluate.sentence_transformer(pipeline / "stage3", 512)
     with pytest.raises(FileNotFoundError, match="no finished stage"):
         evaluate.evaluate_run(tmp_path, "cpu")
+    with pytest.raises(FileNotFoundError, match="is not a saved stage"):
+        evaluate.sentence_transformer(pipeline)  # the run, not one of its stages
 
 
 def test_mteb_scores_an_in_memory_task_as_we_do(pipeline, tmp_path):
