@@ -111,21 +111,22 @@ def stage_dirs(run: Path) -> dict[str, Path]:
 
 # ----------------------------------------------------------------------------- the tables
 
-def score_models(encoders: dict, texts: list[str], first: torch.Tensor, second: torch.Tensor, gold: np.ndarray,
-                 prompt: str = "", desc: str = "") -> dict[str, tuple[dict[int, float], float]]:
-    """{model: ({width: STS Spearman}, seconds to encode)} with `prompt` before every text; pair k is
-    (texts[first[k]], texts[second[k]]). "target" comes from the teachers' vectors, in their time."""
-    scores, teacher_vectors, teacher_seconds = {}, [], 0.0
-    for name, encode in tqdm(encoders.items(), desc=desc, leave=False):
+def score_models(teachers: dict, students: dict, texts: list[str], first: torch.Tensor, second: torch.Tensor,
+                 gold: np.ndarray, prompt: str = "", desc: str = "") -> dict[str, tuple[dict[int, float], float]]:
+    """{model: ({width: STS Spearman}, seconds to encode)} for every encoder (texts -> {width: vectors}) of
+    `teachers` and `students`, and "target" from the teachers' vectors, in their time; `prompt` goes before
+    every text, and pair k is (texts[first[k]], texts[second[k]])."""
+    scores, teacher_vectors = {}, []
+    for name, encode in tqdm({**teachers, **students}.items(), desc=desc, leave=False):
         start = time.perf_counter()
         vectors = encode([prompt + t for t in texts])
-        seconds = time.perf_counter() - start
-        scores[name] = ({w: sts_spearman(v[first], v[second], gold) for w, v in vectors.items()}, seconds)
-        if name.endswith("(teacher)"):
+        scores[name] = ({w: sts_spearman(v[first], v[second], gold) for w, v in vectors.items()},
+                        time.perf_counter() - start)
+        if name in teachers:
             teacher_vectors.append(next(iter(vectors.values())))
-            teacher_seconds += seconds
     target = jasper.teacher_target(*teacher_vectors)
-    scores["target"] = ({target.shape[1]: sts_spearman(target[first], target[second], gold)}, teacher_seconds)
+    scores["target"] = ({target.shape[1]: sts_spearman(target[first], target[second], gold)},
+                        sum(scores[name][1] for name in teachers))
     return scores
 
 
@@ -145,11 +146,11 @@ def evaluate_run(run: Path, device: str, instructions: dict[str, str] = INSTRUCT
 
     teachers = {f"{name} (teacher)": teacher_encoder(path, p.max_length, device) for name, path in p.teachers.items()}
     students = {name: student_encoder(folder, device) for name, folder in stages.items()}
-    plain = score_models({**teachers, **students}, texts, *pairs, desc="no instruction")
+    plain = score_models(teachers, students, texts, *pairs, desc="no instruction")
     last = [name for name in students if name != "stage 4"][-1]  # stage 4 leaves the text side as it was
     by_instruction = {}
     for instruction, prompt in instructions.items():
-        scores = plain if not prompt else score_models({**teachers, last: students[last]}, texts, *pairs,
+        scores = plain if not prompt else score_models(teachers, {last: students[last]}, texts, *pairs,
                                                         prompt=prompt, desc=instruction)
         by_instruction[instruction] = {name: scores[name][0] for name in [*teachers, "target", last]}
     order = [*teachers, "target", *students]
