@@ -486,14 +486,17 @@ class Jasper(nn.Module):
         return mean_pool(hidden, mask)
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                pixel_values: Tensor | None = None) -> dict[int, Tensor]:
-        """Texts (input_ids + attention_mask) or images (pixel_values) -> {width: (B, width) unit rows}."""
-        if (input_ids is None) == (pixel_values is None):
-            raise ValueError("pass either input_ids (+ attention_mask) or pixel_values")
+                pixel_values: Tensor | None = None, pooled: Tensor | None = None) -> dict[int, Tensor]:
+        """Texts (input_ids + attention_mask), images (pixel_values) or their mean-pooled states (pooled,
+        (B, H), e.g. computed once while the encoder is frozen) -> {width: (B, width) unit rows}."""
+        if sum(x is not None for x in (input_ids, pixel_values, pooled)) != 1:
+            raise ValueError("pass exactly one of input_ids (+ attention_mask), pixel_values or pooled")
         if input_ids is not None and attention_mask is None:
             raise ValueError("input_ids need an attention_mask (1 for tokens, 0 for padding)")
-        pooled = (self.embed_text(input_ids, attention_mask) if input_ids is not None
-                  else self.embed_image(pixel_values))
+        if input_ids is not None:
+            pooled = self.embed_text(input_ids, attention_mask)
+        elif pixel_values is not None:
+            pooled = self.embed_image(pixel_values)
         return {int(d): F.normalize(head(pooled.to(head.weight.dtype)).float(), dim=-1)
                 for d, head in self.heads.items()}
 

@@ -72,26 +72,64 @@ def compare(runs: list[Path]) -> str:
     return "\n".join(rows)
 
 
+PART_COLOURS = {"cos": "tab:blue", "sim": "tab:orange", "resim": "tab:green"}
+
+
+def running_mean(values: list[float], window: int) -> list[float]:
+    """The mean of each value and the window - 1 before it (fewer at the start)."""
+    sums = [0.0]
+    for v in values:
+        sums.append(sums[-1] + v)
+    return [(sums[k + 1] - sums[max(0, k + 1 - window)]) / min(k + 1, window) for k in range(len(values))]
+
+
 def plot(out: Path) -> Path:
-    """One panel per stage: the total loss and each weighted part of each head, per step."""
+    """The loss curves of every stage of a run, one row per stage: the total loss, then one panel per head
+    with its weighted parts (eq. 4: 10 L_cos, 200 L_sim, 20 L_resim). Thin lines are the steps, thick ones
+    their running mean; each row shares its y axis, so the heads of a stage compare at a glance."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     logs = sorted(out.glob("stage*/log.csv"))
-    fig, axes = plt.subplots(1, len(logs), figsize=(4.5 * len(logs), 3.2), squeeze=False)
-    for ax, log in zip(axes[0], logs):
+    runs = []
+    for log in logs:
         with log.open() as f:
             rows = list(csv.DictReader(f))
+        heads = {}
+        for key in rows[0]:
+            width, _, part = key.partition("_")
+            if part:
+                heads.setdefault(int(width), []).append(part)
+        runs.append((log.parent.name, rows, heads))
+    columns = 1 + max(len(heads) for _, _, heads in runs)
+    fig, axes = plt.subplots(len(runs), columns, figsize=(3.1 * columns, 2.3 * len(runs)), squeeze=False,
+                             sharex="row", sharey="row")
+    for row_axes, (name, rows, heads) in zip(axes, runs):
         steps = [int(r["step"]) for r in rows]
-        ax.plot(steps, [float(r["loss"]) for r in rows], label="total", color="black")
-        for key in (k for k in rows[0] if k not in ("step", "lr", "loss")):
-            part = key.split("_")[1]
-            ax.plot(steps, [jasper.LOSS_WEIGHTS[part] * float(r[key]) for r in rows], label=key, lw=0.8)
-        ax.set(title=log.parent.name, xlabel="step", ylabel="weighted loss", yscale="log")
-        ax.legend(fontsize=6)
-    fig.tight_layout()
+        window = max(1, len(rows) // 25)
+        panels = [("total", {"total": [float(r["loss"]) for r in rows]})]
+        panels += [(f"FC {width}", {part: [jasper.LOSS_WEIGHTS[part] * float(r[f"{width}_{part}"]) for r in rows]
+                                    for part in parts}) for width, parts in heads.items()]
+        for ax, (title, curves) in zip(row_axes, panels):
+            for part, values in curves.items():
+                colour = PART_COLOURS.get(part, "black")
+                ax.plot(steps, values, color=colour, lw=0.5, alpha=0.3)
+                ax.plot(steps, running_mean(values, window), color=colour, lw=1.6)
+            ax.set_title(f"{name}: {title}", fontsize=9)
+            ax.set_yscale("log")
+            ax.tick_params(labelsize=7)
+        for ax in row_axes[len(panels):]:
+            ax.set_visible(False)
+        row_axes[0].set_ylabel("weighted loss", fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel("step", fontsize=8)
+    handles = [plt.Line2D([], [], color="black", lw=1.6, label="eq. (4) total")]
+    handles += [plt.Line2D([], [], color=c, lw=1.6, label=f"{jasper.LOSS_WEIGHTS[p]:g} L_{p}") for p, c in PART_COLOURS.items()]
+    fig.legend(handles=handles, loc="upper center", ncol=4, fontsize=8, frameon=False, bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     path = out / "losses.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
     return path
 
 

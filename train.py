@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
@@ -119,9 +120,9 @@ def setup_distributed() -> tuple[int, int]:
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """(b, d) on each of W ranks -> (W*b, d) in rank order; the gradient flows to this rank's shard."""
-    world = dist.get_world_size()
-    if world == 1:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
+    world = dist.get_world_size()
     shards = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(shards, x.detach().contiguous())
     shards[dist.get_rank()] = x
@@ -207,7 +208,7 @@ def tokenize(tokenizer, texts: list[str], max_length: int, device) -> dict[str, 
     return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
 
 
-# ----------------------------------------------------------------------------- evaluation
+# ----------------------------------------------------------------------------- held-out scores
 
 def embed_in_batches(model: jasper.Jasper, batches: Iterable[dict[str, torch.Tensor]]) -> dict[int, torch.Tensor]:
     """{width: (all rows, width)} for several model inputs, without gradients, in eval mode."""
@@ -249,45 +250,6 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.corrcoef(torch.stack([average_ranks(a), average_ranks(b)]))[0, 1])
 
 
-def heldout_text_scores(model: jasper.Jasper, tokenizer, texts: list[str], cache: data.TeacherCache,
-                        indices: np.ndarray, max_length: int, device) -> dict[str, float]:
-    """Stages 1-3 on the held-out texts: every loss part of every head against the teachers' target, and
-    per head "{width}_spearman", how well the head orders all held-out text pairs by similarity as the
-    teachers do (Spearman over the C(n,2) cosines)."""
-    student = embed_in_batches(model, text_chunks(tokenizer, [texts[i] for i in indices], EVAL_BATCH,
-                                                  max_length, device))
-    target = cache.targets(indices).to(device)
-    scores = mean_over_batches(jasper.text_distill_loss, student, target, len(indices))
-    i, j = torch.triu_indices(len(indices), len(indices), offset=1)
-    teacher_pairs = (target @ target.T)[i, j]
-    for width, vectors in student.items():
-        scores[f"{width}_spearman"] = spearman((vectors @ vectors.T)[i, j], teacher_pairs)
-    return scores
-
-
-def image_batches(processor, images: list, chunk: int, device) -> Iterator[dict[str, torch.Tensor]]:
-    """`images` preprocessed `chunk` at a time."""
-    for start in range(0, len(images), chunk):
-        pixels = processor(images[start:start + chunk], return_tensors="pt")["pixel_values"]
-        yield {"pixel_values": pixels.to(device)}
-
-
-def heldout_image_scores(model: jasper.Jasper, tokenizer, processor, pairs, indices: np.ndarray,
-                         max_length: int, device) -> dict[str, float]:
-    """Stage 4 on the held-out pairs: the loss parts of every head (image vector against its caption's), and
-    per head recall@1 of image -> caption ("{width}_i2c") and caption -> image ("{width}_c2i") retrieval
-    among all held-out pairs. A hit is a retrieved item whose caption is the query's caption, so repeated
-    captions count alike; "chance" is the hit rate of a random pick."""
-    images, captions = zip(*(pairs[int(i)] for i in indices))
-    image = embed_in_batches(model, image_batches(processor, list(images), EVAL_BATCH, device))
-    caption = embed_in_batches(model, text_chunks(tokenizer, list(captions), EVAL_BATCH, max_length, device))
-    scores = mean_over_batches(jasper.image_distill_loss, image, caption, len(indices))
-    for width in image:
-        recall = recall_at_1((image[width] @ caption[width].T).cpu(), list(captions))
-        scores[f"{width}_i2c"], scores[f"{width}_c2i"], scores["chance"] = recall
-    return scores
-
-
 def recall_at_1(sim: torch.Tensor, captions: list[str]) -> tuple[float, float, float]:
     """sim: (n images, n captions), pair i = (image i, caption i). Returns the share of images whose most
     similar caption is their own caption text, the share of captions whose most similar image carries
@@ -297,6 +259,122 @@ def recall_at_1(sim: torch.Tensor, captions: list[str]) -> tuple[float, float, f
     rows = torch.arange(len(names))
     return (float(same[rows, sim.argmax(1)].float().mean()), float(same[sim.argmax(0), rows].float().mean()),
             float(same.float().mean()))
+
+
+def image_batches(processor, images: list, chunk: int, device) -> Iterator[dict[str, torch.Tensor]]:
+    """`images` preprocessed `chunk` at a time."""
+    for start in range(0, len(images), chunk):
+        pixels = processor(images[start:start + chunk], return_tensors="pt")["pixel_values"]
+        yield {"pixel_values": pixels.to(device)}
+
+
+# ----------------------------------------------------------------------------- the two kinds of stage
+# A stage is its examples (the last `n_heldout` never train), the loss of a step's global batch, and the
+# scores on the held-out examples. Stages 1-3 distill texts, stage 4 images; main() trains either.
+
+class TextStage:
+    """Stages 1-3 (paper 2.3-2.4): the student's heads against the teachers' target for each text.
+
+    While the encoder is frozen (stage 1) a text's pooled state never changes: it is computed the first
+    time the text comes up and reused whenever it comes up again (another epoch, the held-out scores after
+    training), which gives the same loss and gradients as running the encoder every time."""
+
+    def __init__(self, texts: list[str], cache: data.TeacherCache, tokenizer, p: Preset, device,
+                 short_teacher: str, reuse_pooled: bool):
+        self.texts, self.cache, self.tokenizer, self.p, self.device = texts, cache, tokenizer, p, device
+        self.short_teacher = short_teacher
+        self.lengths = np.array([len(text) for text in texts])
+        self.n_examples, self.n_heldout = len(texts), p.heldout
+        self.pooled = {} if reuse_pooled else None  # text index -> (H,) pooled state
+
+    def student(self, model, indices: np.ndarray) -> tuple[dict[int, torch.Tensor], int]:
+        """{width: (len(indices), width)} for these texts (model: the DeepSpeed engine or the Jasper), and how
+        many real tokens the encoder ran on."""
+        if self.pooled is None:
+            vectors, tokens, _ = forward_in_chunks(model, self.chunks(indices))
+            return vectors, tokens
+        new, pooled, tokens = [i for i in dict.fromkeys(indices.tolist()) if i not in self.pooled], [], 0
+        with torch.no_grad():  # the encoder is frozen: no gradient reaches it either way
+            for batch in self.chunks(np.array(new, dtype=np.int64)):
+                pooled.append(getattr(model, "module", model).embed_text(**batch))
+                tokens += int(batch["attention_mask"].sum())
+        self.pooled.update(zip(new, torch.cat(pooled) if pooled else []))
+        return model(pooled=torch.stack([self.pooled[i] for i in indices.tolist()])), tokens
+
+    def chunks(self, indices: np.ndarray) -> Iterator[dict[str, torch.Tensor]]:
+        return text_chunks(self.tokenizer, [self.texts[i] for i in indices], self.p.forward_chunk,
+                           self.p.max_length, self.device)
+
+    def loss(self, engine, idx: np.ndarray, rank: int, world: int) -> tuple[dict[str, torch.Tensor], int]:
+        """The loss parts of the global batch `idx` (this rank computes its share), and the real tokens."""
+        slices = rank_slices(idx, self.lengths, world)
+        vectors, tokens = self.student(engine, slices[rank])
+        student = {d: gather_with_grad(v) for d, v in vectors.items()}  # rows in the order of np.concatenate(slices)
+        target = self.cache.targets(np.concatenate(slices)).to(self.device)
+        return jasper.text_distill_loss(student, target, self.short_teacher), tokens
+
+    def heldout_scores(self, model: jasper.Jasper, indices: np.ndarray) -> dict[str, float]:
+        """Every loss part of every head against the teachers' target, and per head "{width}_spearman": how
+        well the head orders all held-out text pairs by similarity as the teachers do (Spearman over the
+        C(n,2) cosines)."""
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            student, _ = self.student(model, indices)
+        model.train(was_training)
+        target = self.cache.targets(indices).to(self.device)
+        scores = mean_over_batches(jasper.text_distill_loss, student, target, len(indices))
+        i, j = torch.triu_indices(len(indices), len(indices), offset=1)
+        teacher_pairs = (target @ target.T)[i, j]
+        for width, vectors in student.items():
+            scores[f"{width}_spearman"] = spearman((vectors @ vectors.T)[i, j], teacher_pairs)
+        return scores
+
+
+class ImageStage:
+    """Stage 4 (paper 2.5): each head's image vector against the same head's vector of the image's caption,
+    which the frozen text side computes in the same step (it is the teacher)."""
+
+    def __init__(self, pairs, tokenizer, processor, p: Preset, device):
+        self.pairs, self.tokenizer, self.processor, self.p, self.device = pairs, tokenizer, processor, p, device
+        self.n_examples, self.n_heldout = len(pairs), p.heldout_pairs
+
+    def embed(self, model, indices: np.ndarray, chunk: int) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """The images' vectors (with gradients if the model trains) and their captions' (never)."""
+        images, captions = zip(*(self.pairs[int(i)] for i in indices))
+        image, _, _ = forward_in_chunks(model, image_batches(self.processor, list(images), chunk, self.device))
+        with torch.no_grad():
+            caption, _, _ = forward_in_chunks(model, text_chunks(self.tokenizer, list(captions), chunk,
+                                                                 self.p.max_length, self.device))
+        return image, caption
+
+    def loss(self, engine, idx: np.ndarray, rank: int, world: int) -> tuple[dict[str, torch.Tensor], int]:
+        image, caption = self.embed(engine, idx[rank::world], self.p.forward_chunk)
+        return jasper.image_distill_loss({d: gather_with_grad(v) for d, v in image.items()},
+                                         {d: gather_with_grad(v) for d, v in caption.items()}), 0
+
+    def heldout_scores(self, model: jasper.Jasper, indices: np.ndarray) -> dict[str, float]:
+        """The loss parts of every head, and per head recall@1 of image -> caption ("{width}_i2c") and
+        caption -> image ("{width}_c2i") among all held-out pairs; a hit is a retrieved item whose caption is
+        the query's caption, so repeated captions count alike; "chance" is the hit rate of a random pick."""
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            image, caption = self.embed(model, indices, EVAL_BATCH)
+        model.train(was_training)
+        scores = mean_over_batches(jasper.image_distill_loss, image, caption, len(indices))
+        captions = [self.pairs[int(i)][1] for i in indices]
+        for width in image:
+            recall = recall_at_1((image[width] @ caption[width].T).cpu(), captions)
+            scores[f"{width}_i2c"], scores[f"{width}_c2i"], scores["chance"] = recall
+        return scores
+
+
+def image_caption_pairs(p: Preset, preset_name: str, seed: int):
+    """Stage 4's pairs, indexable: i -> (PIL image, caption)."""
+    if preset_name == "toy":
+        return data.ShapeScenes(p.n_pairs, seed, size=p.vision_encoder["image_size"])
+    return data.infinity_mm_captions(p.n_pairs)
 
 
 # ----------------------------------------------------------------------------- training
@@ -317,8 +395,6 @@ def load_student(out: Path, stage: int, p: Preset, target_dim: int | None = None
         tokenizer = AutoTokenizer.from_pretrained(p.student)
     else:
         previous = out / f"stage{stage - 1}"
-        if not (previous / "jasper_config.json").is_file():
-            raise FileNotFoundError(f"stage {stage} starts from {previous}: run --stage {stage - 1} first")
         model = jasper.Jasper.from_pretrained(previous)
         tokenizer = AutoTokenizer.from_pretrained(previous / "text")
         if target_dim is not None and model.config.head_dims[0] != target_dim:
@@ -326,18 +402,37 @@ def load_student(out: Path, stage: int, p: Preset, target_dim: int | None = None
     if stage == 3:
         model.add_heads(p.mrl_dims)
     if stage == 4:
-        if p.vision_encoder is None:
-            raise ValueError("this preset has no vision encoder for stage 4")
         model.add_vision(p.vision_encoder, p.image_tokens)
     tokenizer.padding_side = "right"
     return model, tokenizer
 
 
-def image_caption_pairs(p: Preset, preset_name: str, seed: int):
-    """Stage 4's pairs, indexable: i -> (PIL image, caption)."""
-    if preset_name == "toy":
-        return data.ShapeScenes(p.n_pairs, seed, size=p.vision_encoder["image_size"])
-    return data.infinity_mm_captions(p.n_pairs)
+def prepare_for_stage(model: jasper.Jasper, stage: int, p: Preset, device) -> dict[str, int]:
+    """Freeze all but what the stage trains; no dropout, as in the paper's Qwen2 student (its dropout rates
+    are 0), which also makes K ranks train exactly like one. Returns {trainable parameter: size}."""
+    trainable = jasper.set_trainable(model, stage)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if p.gradient_checkpointing:
+        model.text.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(device)
+    return trainable
+
+
+def deepspeed_engine(model: jasper.Jasper, plan: StagePlan, p: Preset, world: int, device):
+    """AdamW on the trainable weights, warmup then cosine, ZeRO-2, gradient clipping, bf16 on GPU."""
+    optimizer = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=plan.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_then_cosine(s, plan.steps, p.warmup_share))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config={
+        "train_micro_batch_size_per_gpu": plan.batch_size // world,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 2},
+        "bf16": {"enabled": device.type == "cuda"},
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10 ** 9,
+    })
+    return engine, schedule
 
 
 def resume_log(log_file: Path, start: int):
@@ -356,6 +451,15 @@ def resume_log(log_file: Path, start: int):
     tmp.replace(log_file)  # atomic: a second kill never loses the rows before the checkpoint
     log = log_file.open("a", newline="")
     return log, csv.DictWriter(log, fieldnames=fields)
+
+
+def save_checkpoint(engine, ckpt_dir: Path, step: int, before: dict, rank: int) -> None:
+    """A resumable checkpoint after `step` steps; only the newest one is kept."""
+    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={"step": step, "heldout_before": before})
+    if rank == 0:
+        for old in ckpt_dir.glob("step*"):
+            if old.name != f"step{step}":
+                shutil.rmtree(old)
 
 
 def parse_args(argv=None):
@@ -380,109 +484,96 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def settings(args) -> tuple[Preset, StagePlan]:
+    """The preset with the command line's overrides, and this stage's plan."""
     p = preset(args.preset)
-    plan = p.stages[args.stage]
-    plan = replace(plan, **{k: v for k, v in dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr).items()
-                            if v is not None})
     p = replace(p, **{k: v for k, v in dict(n_texts=args.n_texts, heldout=args.heldout,
                                             checkpoint_every=args.checkpoint_every, forward_chunk=args.forward_chunk,
                                             gradient_checkpointing=args.gradient_checkpointing).items()
                       if v is not None})
+    plan = replace(p.stages[args.stage], **{k: v for k, v in dict(steps=args.steps, batch_size=args.batch_size,
+                                                                  lr=args.lr).items() if v is not None})
+    return p, plan
+
+
+def check_preconditions(args, p: Preset, plan: StagePlan) -> None:
+    """Everything a stage needs that can be checked in an instant, before any corpus, teacher or model loads:
+    a missing one ends the run with one line (on rank 0), not a traceback minutes later on every rank."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    previous = args.out / f"stage{args.stage - 1}"
+    problem = None
+    if args.stage > 1 and not (previous / "jasper_config.json").is_file():
+        problem = f"stage {args.stage} starts from {previous}, which has no finished model: run --stage {args.stage - 1} first"
+    elif args.short_teacher is not None and args.stage != 3:
+        problem = "--short-teacher applies to stage 3, where the short MRL heads are trained"
+    elif plan.batch_size % world:
+        problem = f"the global batch {plan.batch_size} does not split over {world} ranks"
+    elif args.stage == 4 and p.vision_encoder is None:
+        problem = f"the {args.preset} preset has no vision encoder for stage 4"
+    elif args.stage in (2, 3) and (args.out / "teachers" / "meta.json").is_file() and fc1_width(previous) != \
+            sum(t["dim"] for t in json.loads((args.out / "teachers" / "meta.json").read_text())["teachers"]):
+        problem = f"{previous} has FC1 width {fc1_width(previous)}, but the teachers in {args.out}/teachers give another"
+    elif args.stage < 4 and (args.out / "data" / "recipe.json").is_file():
+        recipe, made = {"preset": args.preset, "n_texts": p.n_texts, "seed": args.seed}, \
+            json.loads((args.out / "data" / "recipe.json").read_text())
+        if made != recipe:
+            problem = f"{args.out}/data was made by {made}, not {recipe}: use another --out"
+    if problem:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"train.py: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def fc1_width(stage_dir: Path) -> int:
+    return json.loads((stage_dir / "jasper_config.json").read_text())["head_dims"][0]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    p, plan = settings(args)
+    check_preconditions(args, p, plan)
     rank, world = setup_distributed()
-    if plan.batch_size % world:
-        raise ValueError(f"the global batch {plan.batch_size} does not split over {world} ranks")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(args.seed)
 
-    if args.short_teacher is not None and args.stage != 3:
-        raise ValueError("--short-teacher applies to stage 3, where the short MRL heads are trained")
-    short_teacher = args.short_teacher or "target"
-
-    out, stage_dir = args.out, args.out / f"stage{args.stage}"
     if args.stage == 4:
-        pairs = image_caption_pairs(p, args.preset, args.seed)
-        n_examples, n_heldout = len(pairs), p.heldout_pairs
-        model, tokenizer = load_student(out, args.stage, p)
-        processor = jasper.load_image_processor(p.vision_encoder)
+        model, tokenizer = load_student(args.out, 4, p)
+        task = ImageStage(image_caption_pairs(p, args.preset, args.seed), tokenizer,
+                          jasper.load_image_processor(p.vision_encoder), p, device)
     else:
-        texts, cache = prepare_data(out, p, args.preset, args.seed, rank, world, str(device))
-        n_examples, n_heldout = len(texts), p.heldout
-        lengths = np.array([len(text) for text in texts])
-        model, tokenizer = load_student(out, args.stage, p, cache.dim)
-    n_train = n_examples - n_heldout
+        texts, cache = prepare_data(args.out, p, args.preset, args.seed, rank, world, str(device))
+        model, tokenizer = load_student(args.out, args.stage, p, cache.dim)
+        n_train = len(texts) - p.heldout
+        task = TextStage(texts, cache, tokenizer, p, device, args.short_teacher or "target",
+                         reuse_pooled=args.stage == 1 and plan.steps * plan.batch_size > n_train)
+    n_train = task.n_examples - task.n_heldout
     if n_train < plan.batch_size:
         raise ValueError(f"{n_train} training examples cannot fill a batch of {plan.batch_size}")
-    heldout = np.arange(n_train, n_examples)
-
-    def evaluate(module: jasper.Jasper) -> dict[str, float]:
-        if args.stage == 4:
-            return heldout_image_scores(module, tokenizer, processor, pairs, heldout, p.max_length, device)
-        return heldout_text_scores(module, tokenizer, texts, cache, heldout, p.max_length, device)
-
-    def batch_loss(step: int) -> tuple[dict[str, torch.Tensor], int]:
-        """The loss parts of the global batch of a step (this rank computes its share), and its real tokens."""
-        idx = batch_indices(step, plan.batch_size, n_train, args.seed)
-        if args.stage == 4:
-            images, captions = zip(*(pairs[int(i)] for i in idx[rank::world]))
-            image, _, _ = forward_in_chunks(engine, image_batches(processor, list(images), p.forward_chunk, device))
-            with torch.no_grad():  # the caption side is frozen: it is the teacher
-                caption, _, _ = forward_in_chunks(engine.module, text_chunks(tokenizer, list(captions), p.forward_chunk,
-                                                                             p.max_length, device))
-            return jasper.image_distill_loss({d: gather_with_grad(v) for d, v in image.items()},
-                                             {d: gather_with_grad(v) for d, v in caption.items()}), 0
-        slices = rank_slices(idx, lengths, world)
-        vectors, real, _ = forward_in_chunks(engine, text_chunks(tokenizer, [texts[i] for i in slices[rank]],
-                                                                 p.forward_chunk, p.max_length, device))
-        student = {d: gather_with_grad(v) for d, v in vectors.items()}  # rows in the order of np.concatenate(slices)
-        target = cache.targets(np.concatenate(slices)).to(device)
-        return jasper.text_distill_loss(student, target, short_teacher), real
-
-    trainable = jasper.set_trainable(model, args.stage)
-    for module in model.modules():  # no dropout, as in the paper's Qwen2 student (its dropout rates are 0);
-        if isinstance(module, torch.nn.Dropout):  # it also makes K ranks train exactly like one
-            module.p = 0.0
-    if p.gradient_checkpointing:
-        model.text.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.to(device)
-    ckpt_dir, log_file = stage_dir / "checkpoints", stage_dir / "log.csv"
+    heldout = np.arange(n_train, task.n_examples)
+    trainable = prepare_for_stage(model, args.stage, p, device)
+    stage_dir, ckpt_dir = args.out / f"stage{args.stage}", args.out / f"stage{args.stage}" / "checkpoints"
     resuming = (ckpt_dir / "latest").is_file()
-    before = None if resuming else evaluate(model)
-
-    optimizer = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=plan.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_then_cosine(s, plan.steps, p.warmup_share))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config={
-        "train_micro_batch_size_per_gpu": plan.batch_size // world,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 2},
-        "bf16": {"enabled": device.type == "cuda"},
-        "gradient_clipping": 1.0,
-        "steps_per_print": 10 ** 9,
-    })
-
+    before = None if resuming else task.heldout_scores(model, heldout)
+    engine, schedule = deepspeed_engine(model, plan, p, world, device)
     start = 0
     if resuming:
         _, client = engine.load_checkpoint(str(ckpt_dir))
         start, before = client["step"], client["heldout_before"]
     if rank == 0:
         stage_dir.mkdir(parents=True, exist_ok=True)
-        log, writer = resume_log(log_file, start)
+        log, writer = resume_log(stage_dir / "log.csv", start)
         print(f"stage {args.stage}: {sum(trainable.values()):,} trainable parameters, {plan.steps} steps of "
-              f"{plan.batch_size} on {world} rank(s), {n_examples} examples ({n_heldout} held out)"
+              f"{plan.batch_size} on {world} rank(s), {task.n_examples} examples ({task.n_heldout} held out)"
               + (f", resuming at step {start}" if start else ""))
 
     tokens, t0 = 0, time.time()
-    bar = tqdm(range(start, plan.steps), initial=start, total=plan.steps, desc=f"stage {args.stage}",
-               disable=rank != 0)
+    bar = tqdm(range(start, plan.steps), initial=start, total=plan.steps, desc=f"stage {args.stage}", disable=rank != 0)
     for step in bar:
-        parts, real = batch_loss(step)
+        parts, real = task.loss(engine, batch_indices(step, plan.batch_size, n_train, args.seed), rank, world)
         engine.backward(parts["loss"] * world)  # ranks average gradients; each holds only its shard's part
         lr = schedule.get_last_lr()[0]
         engine.step()
         tokens += real
-
         if rank == 0 and (step % p.log_every == 0 or step == plan.steps - 1):
             row = {"step": step, "lr": lr, **{k: v.item() for k, v in parts.items()}}
             if writer is None:
@@ -492,37 +583,36 @@ def main(argv=None):
             log.flush()
             bar.set_postfix(loss=f"{row['loss']:.4f}")
         if (step + 1) % p.checkpoint_every == 0 and step + 1 < plan.steps:
-            engine.save_checkpoint(str(ckpt_dir), tag=f"step{step + 1}",
-                                   client_state={"step": step + 1, "heldout_before": before})
-            if rank == 0:
-                for old in ckpt_dir.glob("step*"):
-                    if old.name != f"step{step + 1}":
-                        shutil.rmtree(old)
+            save_checkpoint(engine, ckpt_dir, step + 1, before, rank)
     elapsed = time.time() - t0
     tokens = torch.tensor(tokens, device=device)
     dist.all_reduce(tokens)
-    tokens = int(tokens)
 
-    after = evaluate(engine.module)
+    after = task.heldout_scores(engine.module, heldout)
     if rank == 0:
         log.close()
-        engine.module.save_pretrained(stage_dir, prompts={"query": data.QUERY_PROMPT, "document": ""})
-        tokenizer.model_max_length = p.max_length  # sentence-transformers truncates there
-        tokenizer.save_pretrained(stage_dir / "text")
-        if args.stage == 4:
-            processor.save_pretrained(stage_dir / "vision")
+        save_stage(engine.module, tokenizer, task, stage_dir, p)
         summary = {"stage": args.stage, "preset": args.preset, "world_size": world, "plan": asdict(plan),
                    "steps_run": plan.steps - start, "seconds": round(elapsed, 1),
                    "examples_per_second": round(plan.batch_size * (plan.steps - start) / max(elapsed, 1e-9), 1),
-                   **({"tokens_per_second": round(tokens / max(elapsed, 1e-9), 1)} if tokens else {}),
+                   **({"tokens_per_second": round(int(tokens) / max(elapsed, 1e-9), 1)} if int(tokens) else {}),
                    "trainable_parameters": sum(trainable.values()),
-                   **({"short_teacher": short_teacher} if args.stage == 3 else {}),
+                   **({"short_teacher": task.short_teacher} if args.stage == 3 else {}),
                    "heldout_before": before, "heldout_after": after}
         (stage_dir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         print(f"stage {args.stage} done in {elapsed:.0f} s ({summary['examples_per_second']:.1f} examples/s); "
               f"held-out loss {before['loss']:.4f} -> {after['loss']:.4f}; saved {stage_dir}")
     dist.barrier()
+
+
+def save_stage(model: jasper.Jasper, tokenizer, task, stage_dir: Path, p: Preset) -> None:
+    """The model (also a sentence-transformers folder, with the query prompt), its tokenizer and preprocessing."""
+    model.save_pretrained(stage_dir, prompts={"query": data.QUERY_PROMPT, "document": ""})
+    tokenizer.model_max_length = p.max_length  # sentence-transformers truncates there
+    tokenizer.save_pretrained(stage_dir / "text")
+    if isinstance(task, ImageStage):
+        task.processor.save_pretrained(stage_dir / "vision")
 
 
 if __name__ == "__main__":

@@ -233,12 +233,12 @@ def test_text_distill_loss_equals_loops(short_teacher):
     student, target = heads(6, [12, 5, 3], 0), unit_rows(6, 12, 9)
     teachers = {"target": [target], "fc1": [student[12]], "both": [target, student[12]]}[short_teacher]
     short = [sum(eq4_loop(student[w], t) for t in teachers) / len(teachers) for w in (5, 3)]
-    expected = eq4_loop(student[12], target) + sum(short) / 2
+    expected = float(eq4_loop(student[12], target) + sum(short) / 2)
     parts = jasper.text_distill_loss(student, target, short_teacher)
     assert float(parts["loss"]) == pytest.approx(expected, rel=1e-9)
     assert set(parts) == {"loss", "12_cos", "12_sim", "12_resim", "5_sim", "5_resim", "3_sim", "3_resim"}
-    assert float(parts["5_sim"]) == pytest.approx(sum(similarity_loop(student[5], t) for t in teachers)
-                                                  / len(teachers), rel=1e-9)
+    assert float(parts["5_sim"]) == pytest.approx(float(sum(similarity_loop(student[5], t) for t in teachers)
+                                                        / len(teachers)), rel=1e-9)
 
 
 def test_self_distillation_does_not_move_fc1_toward_the_short_heads():
@@ -258,7 +258,7 @@ def test_self_distillation_does_not_move_fc1_toward_the_short_heads():
 def test_image_distill_loss_is_the_mean_of_eq4_over_heads():
     """Stage 4: every head's image vectors against the same head's caption vectors, all three losses."""
     image, caption = heads(5, [12, 4], 0), heads(5, [12, 4], 7)
-    expected = (eq4_loop(image[12], caption[12]) + eq4_loop(image[4], caption[4])) / 2
+    expected = float(eq4_loop(image[12], caption[12]) + eq4_loop(image[4], caption[4])) / 2
     parts = jasper.image_distill_loss(image, caption)
     assert float(parts["loss"]) == pytest.approx(expected, rel=1e-9)
     assert {"12_cos", "4_cos", "4_resim"} <= set(parts)

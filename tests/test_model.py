@@ -247,9 +247,9 @@ def test_bad_model_inputs():
     ids, mask = token_batch([4, 2])
     with pytest.raises(ValueError, match="differ in shape"):
         model(input_ids=ids, attention_mask=mask[:, :3])
-    with pytest.raises(ValueError, match="either input_ids"):
+    with pytest.raises(ValueError, match="exactly one of"):
         model(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 32, 32))
-    with pytest.raises(ValueError, match="either input_ids"):
+    with pytest.raises(ValueError, match="exactly one of"):
         model()
     with pytest.raises(ValueError, match="attention_mask"):
         model(input_ids=ids)

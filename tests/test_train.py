@@ -175,6 +175,38 @@ def test_self_distillation_changes_only_what_teaches_the_short_heads(pipeline, t
     assert bad.returncode != 0 and "applies to stage 3" in bad.stderr
 
 
+def test_stage1_reuses_pooled_states_with_the_same_loss_and_gradients(pipeline):
+    """While only FC1 trains, the pooled states computed once give the loss and gradients of running the
+    encoder every step, and a text seen again costs no encoder pass."""
+    p = train.preset("toy")
+    texts = data.load_corpus(pipeline / "data" / "texts.jsonl")
+    cache = data.TeacherCache(pipeline / "teachers", texts)
+    idx = train.batch_indices(0, 8, len(texts) - 32, seed=0)
+    results = []
+    for reuse in (False, True):
+        torch.manual_seed(0)
+        model, tokenizer = train.load_student(pipeline, 1, p, cache.dim)
+        train.prepare_for_stage(model, 1, p, "cpu")
+        task = train.TextStage(texts, cache, tokenizer, p, "cpu", "target", reuse_pooled=reuse)
+        parts, tokens = task.loss(model, idx, rank=0, world=1)
+        parts["loss"].backward()
+        again, tokens_again = task.loss(model, idx, rank=0, world=1)
+        results.append((parts["loss"].item(), model.fc1.weight.grad.clone(), tokens, again["loss"].item(), tokens_again))
+    (loss, grad, tokens, loss_again, tokens_again), (cached_loss, cached_grad, cached_tokens, cached_again, none) = results
+    assert cached_loss == pytest.approx(loss, rel=1e-6) and cached_again == pytest.approx(loss_again, rel=1e-6)
+    torch.testing.assert_close(cached_grad, grad, rtol=1e-5, atol=1e-7)
+    assert cached_tokens == tokens == tokens_again > 0 and none == 0  # the second pass ran no encoder
+
+
+def test_a_missing_previous_stage_fails_at_once_in_one_line(tmp_path):
+    start = time.time()
+    done = subprocess.run(train_command(tmp_path, "--stage", "3", *TINY), cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and time.time() - start < 60
+    assert done.stderr.strip().splitlines()[-1] == (f"train.py: stage 3 starts from {tmp_path}/stage2, which has no "
+                                                    "finished model: run --stage 2 first")
+    assert not (tmp_path / "data").exists()  # nothing was built
+
+
 # ----------------------------------------------------------------------------- distributed and resume
 
 @pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not installed")
