@@ -1,9 +1,13 @@
-"""Benchmarks: the relative-similarity loss (dense vs counted) and a stage-3 training step.
+"""Benchmarks: the relative-similarity loss (dense vs counted), a stage-3 training step, the corpus in memory,
+and on a GPU the paper's shapes.
 
-    python bench.py                   # both tables; a few minutes on a 2-core CPU
+    python bench.py                   # the first three tables; a few minutes on a 2-core CPU
     python bench.py --resim           # L_resim forward+backward for m = 32 ... 2048
     python bench.py --train           # the toy student's stage-3 step: padding, grouping, checkpointing
-    python bench.py --train --student qwen2-1.5b --max-length 512   # on a GPU: tokens/s, MFU, memory
+    python bench.py --corpus          # one rank's memory for a 1M-text corpus: a list of strings vs Arrow
+    python bench.py --gpu             # on a GPU: the paper's student step at 512 tokens and 128 texts (MFU,
+                                      # memory, with and without checkpointing), L_resim at m = 4096, and
+                                      # teacher encoding in bf16 at Stella's and NV-Embed-v2's shapes
 
 Each L_resim figure comes from a fresh process, so its peak memory is the computation's own:
 torch.cuda.max_memory_allocated on a GPU, the growth of the process's peak resident memory on a CPU.
@@ -16,6 +20,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,6 +35,10 @@ QWEN2_1_5B = {  # stella_en_1.5B_v5's base (Qwen2-1.5B) shape, random weights
     "model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
     "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151646,
     "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+}
+MISTRAL_7B = {  # NV-Embed-v2's base (Mistral-7B-v0.1) shape, random weights
+    "model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000, "max_position_embeddings": 32768,
 }
 
 
@@ -109,7 +118,7 @@ def train_once(student: str, max_length: int, batch: int, chunk: int, sort: bool
         from transformers import AutoTokenizer
         path = data.all_minilm_l6_v2()
         encoder, tokenizer = path, AutoTokenizer.from_pretrained(path)
-        texts = data.make_corpus(*data.toy_sources(0), 2000, 0)
+        texts = [data.QUERY_PROMPT + t if q else t for t, q in data.make_corpus(*data.toy_sources(0), 2000, 0)]
         target_width, mrl = TEACHER_WIDTH, [256, 128, 64]
     else:  # the paper's student shape from its config; texts are random ids filling max_length
         encoder = dict(QWEN2_1_5B, **({"num_hidden_layers": layers} if layers else {}))
@@ -175,13 +184,119 @@ def train_table(args) -> str:
         spec = json.dumps(dict(student=args.student, max_length=args.max_length, batch=args.batch, chunk=chunk,
                                sort=sort, checkpointing=checkpointing, steps=args.steps, layers=args.layers))
         run = subprocess.run([sys.executable, __file__, "--one-train", spec], capture_output=True, text=True)
-        if run.returncode:
-            raise RuntimeError(f"{name} failed:\n{run.stderr[-3000:]}")
+        if run.returncode:  # e.g. out of memory without checkpointing: a result, not an error
+            rows.append(f"| {name} | failed: {run.stderr.strip().splitlines()[-1][:120]} | | | | |")
+            continue
         r = json.loads(run.stdout.strip().splitlines()[-1])
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         rows.append(f"| {name} | {r['padding']:.0%} | {r['tokens_per_second']:,.0f} | {r['seconds_per_step']:.2f} | "
                     f"{r['peak_mb']:,.0f} | {mfu} |")
         print(f"  {name}: {r['tokens_per_second']:,.0f} tokens/s", file=sys.stderr)
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------- teacher encoding
+
+def teacher_once(shape: str, batch: int, length: int, steps: int, layers: int | None) -> dict:
+    """A teacher's forward pass (no gradient) at its base model's shape, bf16 on a GPU, full-length inputs:
+    what encoding the corpus costs per token (the pooling and the Dense module are negligible)."""
+    from transformers import MODEL_MAPPING, AutoConfig
+    fields = dict({"stella": QWEN2_1_5B, "nv-embed": MISTRAL_7B}[shape], **({"num_hidden_layers": layers} if layers else {}))
+    config = AutoConfig.for_model(**fields)
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model = MODEL_MAPPING[type(config)]._from_config(config, attn_implementation="sdpa", torch_dtype=dtype).to(device()).eval()
+    ids = torch.randint(config.vocab_size, (batch, length), device=device())
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            model(input_ids=ids, attention_mask=mask)
+        synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    return {"shape": shape, "texts_per_second": batch / seconds, "tokens_per_second": batch * length / seconds,
+            "peak_mb": peak_memory_bytes() / 2 ** 20}
+
+
+def teacher_table(batch: int, length: int, steps: int, layers: int | None, n_texts: int = 8_000_000,
+                  mean_tokens: int = 215) -> str:
+    rows = [f"Teacher encoding on {device()} ({'bf16' if torch.cuda.is_available() else 'float32'}), batches of "
+            f"{batch} texts of {length} tokens; the last column scales to {n_texts:,} texts of {mean_tokens} tokens "
+            f"on average (the paper's mix, README) on 8 such devices:", "",
+            "| teacher shape | texts/s | tokens/s | peak memory MB | hours for the corpus on 8 devices |", "|---|---|---|---|---|"]
+    for shape in ("stella", "nv-embed"):
+        spec = json.dumps(dict(shape=shape, batch=batch, length=length, steps=steps, layers=layers))
+        run = subprocess.run([sys.executable, __file__, "--one-teacher", spec], capture_output=True, text=True)
+        if run.returncode:
+            rows.append(f"| {shape} | failed: {run.stderr.strip().splitlines()[-1][:120]} | | | |")
+            continue
+        r = json.loads(run.stdout.strip().splitlines()[-1])
+        hours = n_texts * mean_tokens / r["tokens_per_second"] / 8 / 3600
+        rows.append(f"| {shape} | {r['texts_per_second']:,.1f} | {r['tokens_per_second']:,.0f} | {r['peak_mb']:,.0f} | {hours:.1f} |")
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------- the corpus in memory
+
+def memory_status() -> dict[str, int]:
+    """This process's peak resident memory and its current private (anon) and file-backed parts, in bytes."""
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith(("VmHWM", "RssAnon", "RssFile")))
+    return {k: int(v.split()[0]) * 1024 for k, v in fields.items()}
+
+
+def synthetic_corpus(folder: Path, n: int) -> tuple[Path, Path]:
+    """n texts of 50-1,000 words drawn from a fixed vocabulary, 20% queries: as the old JSON-lines file (one
+    prompted string per line) and as the Arrow file the corpus is now."""
+    import data
+    rng = np.random.default_rng(0)
+    words = np.array([f"w{k}" for k in range(5000)])
+
+    def rows():
+        for length in rng.integers(50, 1000, size=n):
+            yield " ".join(words[rng.integers(0, len(words), size=length)]), bool(rng.random() < 0.2)
+    arrow, jsonl = folder / "corpus.arrow", folder / "texts.jsonl"
+    if not arrow.is_file():
+        data.save_corpus(rows(), arrow)
+        with jsonl.open("w") as f:
+            for text, query in data.Corpus(arrow).table.select(["text", "query"]).to_pylist():
+                f.write(json.dumps(data.QUERY_PROMPT + text if query else text) + "\n")
+    return jsonl, arrow
+
+
+def corpus_once(kind: str, path: str) -> dict:
+    """What one rank holds after opening the corpus, the length of every text, and one batch of 1,024 texts."""
+    base = memory_status()
+    start = time.perf_counter()
+    if kind == "list":  # before: the whole corpus as a Python list of strings, as every rank held it
+        texts = [json.loads(line) for line in open(path)]
+        lengths = np.array([len(t) for t in texts])
+        batch = [texts[i] for i in np.random.default_rng(0).integers(0, len(texts), 1024)]
+    else:
+        import data
+        corpus = data.Corpus(path)
+        lengths = corpus.lengths
+        batch = corpus.texts(np.random.default_rng(0).integers(0, len(corpus), 1024))
+    seconds = time.perf_counter() - start
+    now = memory_status()
+    assert len(batch) == 1024 and len(lengths) > 0
+    return {"kind": kind, "seconds": seconds, "peak_mb": (now["VmHWM"] - base["VmHWM"]) / 2 ** 20,
+            "anon_mb": (now["RssAnon"] - base["RssAnon"]) / 2 ** 20, "file_mb": (now["RssFile"] - base["RssFile"]) / 2 ** 20}
+
+
+def corpus_table(n: int, folder: Path) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    jsonl, arrow = synthetic_corpus(folder, n)
+    rows = [f"One rank opening a synthetic corpus of {n:,} texts ({jsonl.stat().st_size / 2 ** 30:.2f} GB as JSON "
+            f"lines, {arrow.stat().st_size / 2 ** 30:.2f} GB as Arrow), taking every length and a batch of 1,024 texts:", "",
+            "| corpus | seconds | peak memory growth MB | private (anon) MB | file pages MB (shared by the ranks) |",
+            "|---|---|---|---|---|"]
+    for kind, path, name in (("list", jsonl, "before: JSON lines -> a list of strings"),
+                             ("arrow", arrow, "now: Arrow file, memory-mapped")):
+        run = subprocess.run([sys.executable, __file__, "--one-corpus", kind, str(path)], capture_output=True, text=True,
+                             check=True)
+        r = json.loads(run.stdout.strip().splitlines()[-1])
+        rows.append(f"| {name} | {r['seconds']:.1f} | {r['peak_mb']:,.0f} | {r['anon_mb']:,.0f} | {r['file_mb']:,.0f} |")
     return "\n".join(rows)
 
 
@@ -198,19 +313,38 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--chunk", type=int, default=8)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--corpus", action="store_true", help="only the corpus memory table")
+    ap.add_argument("--corpus-texts", type=int, default=1_000_000)
+    ap.add_argument("--corpus-dir", type=Path, default=Path("runs/bench-corpus"))
     ap.add_argument("--one-resim", nargs=2, metavar=("METHOD", "M"), help=argparse.SUPPRESS)
+    ap.add_argument("--one-corpus", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
+    ap.add_argument("--gpu", action="store_true", help="the paper-scale figures (README); meant for a GPU")
+    ap.add_argument("--one-teacher", metavar="JSON", help=argparse.SUPPRESS)
     ap.add_argument("--one-train", metavar="JSON", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one_resim:
         print(json.dumps(resim_once(args.one_resim[0], int(args.one_resim[1]), args.repeats)))
     elif args.one_train:
         print(json.dumps(train_once(**json.loads(args.one_train))))
+    elif args.one_corpus:
+        print(json.dumps(corpus_once(*args.one_corpus)))
+    elif args.one_teacher:
+        print(json.dumps(teacher_once(**json.loads(args.one_teacher))))
+    elif args.gpu:  # one short script of every GPU figure the README asks for; --layers shrinks it for a check
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (a check of the script only)"
+        print(f"device: {name}\n")
+        args.student, args.max_length, args.batch, args.chunk = "qwen2-1.5b", 512, 128, 16
+        print(train_table(args) + "\n")
+        print(resim_table([1024, 4096], dense_max_m=0, repeats=args.repeats) + "\n")
+        print(teacher_table(32, 512, args.steps, args.layers))
     else:
-        both = not (args.resim or args.train)
-        if args.resim or both:
+        every = not (args.resim or args.train or args.corpus)
+        if args.resim or every:
             print(resim_table(args.sizes, args.dense_max_m, args.repeats) + "\n")
-        if args.train or both:
-            print(train_table(args))
+        if args.train or every:
+            print(train_table(args) + "\n")
+        if args.corpus or every:
+            print(corpus_table(args.corpus_texts, args.corpus_dir))
 
 
 if __name__ == "__main__":

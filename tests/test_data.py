@@ -6,10 +6,9 @@ import random
 
 import numpy as np
 import pytest
-import torch
 
 import data
-import jasper
+import rehearsal
 
 # ----------------------------------------------------------------------------- the recipe
 
@@ -38,20 +37,21 @@ def synthetic_sources(n_docs=20000, n_queries=20000):
     return documents, queries
 
 
-def test_mix_ratio_prompts_and_determinism():
+def test_mix_ratio_and_determinism():
     documents, queries = synthetic_sources()
-    texts = data.make_corpus(documents, queries, 5000, seed=1)
-    assert len(texts) == 5000
-    prompted = [t for t in texts if t.startswith(data.QUERY_PROMPT)]
-    assert len(prompted) == 1000  # 20% queries, exactly
-    assert texts == data.make_corpus(documents, queries, 5000, seed=1)
-    assert texts != data.make_corpus(documents, queries, 5000, seed=2)
+    rows = data.make_corpus(documents, queries, 5000, seed=1)
+    assert len(rows) == 5000
+    picked = [t for t, is_query in rows if is_query]
+    assert len(picked) == 1000  # 20% queries, exactly
+    assert sum(t in set(queries) for t in picked) >= 995  # stored without a prompt (a few are word-shuffled)
+    assert rows == data.make_corpus(documents, queries, 5000, seed=1)
+    assert rows != data.make_corpus(documents, queries, 5000, seed=2)
 
 
 def test_chunk_share_is_30_percent_of_documents():
     documents, queries = synthetic_sources()
-    texts = data.make_corpus(documents, queries, 20000, seed=0)
-    passages = [t for t in texts if t.startswith("Doc ")]  # (leaves out the few word-shuffled texts)
+    rows = data.make_corpus(documents, queries, 20000, seed=0)
+    passages = [t for t, is_query in rows if not is_query and t.startswith("Doc ")]  # not the few word-shuffled
     used = {t.split()[1] for t in passages}
     whole = {t.split()[1] for t in passages if t in set(documents)}  # a chunk has at most 10 of the 12 sentences
     assert abs(1 - len(whole) / len(used) - 0.3) < 0.03  # binomial: sd ~0.005 over the ~9k documents used
@@ -60,13 +60,13 @@ def test_chunk_share_is_30_percent_of_documents():
 def test_word_shuffle_rate_is_0_08_percent():
     documents = [f"alpha beta gamma delta number{d} end." for d in range(200000)]  # one sentence: never chunked
     queries = [f"question{q} about alpha beta gamma" for q in range(50000)]
-    texts = data.make_corpus(documents, queries, 200000, seed=0)
-    originals = set(documents) | {data.QUERY_PROMPT + q for q in queries}
-    shuffled = [t for t in texts if t not in originals]
+    rows = data.make_corpus(documents, queries, 200000, seed=0)
+    originals = set(documents) | set(queries)
+    shuffled = [t for t, _ in rows if t not in originals]
     assert 100 <= len(shuffled) <= 220  # expected 160, sd ~13
-    bags = {tuple(sorted(o.removeprefix(data.QUERY_PROMPT).split())) for o in originals}
-    assert all(tuple(sorted(t.removeprefix(data.QUERY_PROMPT).split())) in bags for t in shuffled)
-    assert sum(t.startswith(data.QUERY_PROMPT) for t in texts) == 40000  # the prompt stays intact
+    bags = {tuple(sorted(o.split())) for o in originals}
+    assert all(tuple(sorted(t.split())) in bags for t in shuffled)
+    assert sum(is_query for _, is_query in rows) == 40000
 
 
 def test_shuffle_words_keeps_the_words():
@@ -82,13 +82,45 @@ def test_too_few_sources_is_a_clear_error():
         data.make_corpus(["One sentence here."] * 1000, ["q"], 100)
 
 
-def test_toy_sources_are_real_offline_text():
-    documents, queries = data.toy_sources()
-    assert len(documents) > 1500 and len(queries) > 500
-    assert sum(map(len, documents)) > 500_000
-    assert any("Return" in q for q in queries)
-    texts = data.make_corpus(documents, queries, 2000, seed=0)
-    assert len(set(texts)) > 1900
+def test_toy_sources_parse_real_english_text():
+    sizes = {"wikipedia": len(data.wikipedia_leads()), "plots": len(data.movie_reviews()[0]),
+             "reviews": len(data.movie_reviews()[1]), "headlines": len(data.news_headlines()),
+             "debates": len(data.debate_statements()), "sts-train": len(data.sts_sentences("train"))}
+    assert sizes == {"wikipedia": 10033, "plots": 1097, "reviews": 12808, "headlines": 4080, "debates": 1122,
+                     "sts-train": 10279}  # the train split's 10,536 distinct sentences less 257 also in the test split
+    assert data.wikipedia_leads()[0].startswith("20th-century classical music is Western art music")
+    assert data.news_headlines()[0] == "Johnson is asking Santa for a Christmas recovery"
+    assert len(data.python_topics()) > 500
+
+
+def test_no_sts_test_sentence_and_no_score_is_in_the_toy_corpus():
+    documents, queries = data.toy_sources(seed=0)
+    first, second, gold = data.sts_benchmark("test")
+    assert not (set(first) | set(second)) & (set(documents) | set(queries))
+    rows = data.make_corpus(documents, queries, 4000, seed=0)
+    texts = [t for t, _ in rows]
+    assert not (set(first) | set(second)) & set(texts)
+    assert not any(t.strip().replace(".", "", 1).isdigit() for t in texts)  # no bare scores, only text
+
+
+def test_toy_sources_mix_every_source_into_every_part_and_are_deterministic():
+    documents, queries = data.toy_sources(seed=0)
+    assert (documents, queries) == data.toy_sources(seed=0) and documents != data.toy_sources(seed=1)[0]
+    assert len(set(documents)) == len(documents) == sum(data.TOY_DOCUMENTS.values())  # each text once
+    plots, snippets = data.movie_reviews()
+    sources = {"sts-train": data.sts_sentences("train"), "reviews": snippets, "wikipedia": data.wikipedia_leads(),
+               "debates": data.debate_statements(), "plots": plots, "python": data.python_topics()}
+    for part in (documents[:2000], documents[-2000:]):  # each source in its share, wherever make_corpus stops
+        for name, texts in sources.items():
+            share = len(set(part) & set(texts)) / len(part)
+            assert share == pytest.approx(data.TOY_DOCUMENTS[name] / len(documents), abs=0.02), name
+    assert set(queries) == set(data.news_headlines())
+
+
+def test_toy_corpus_follows_the_recipe():
+    rows = data.make_corpus(*data.toy_sources(seed=0), 5000, seed=0)
+    assert sum(q for _, q in rows) == 1000 and set(t for t, q in rows if q) <= set(data.news_headlines())
+    assert len({t for t, _ in rows}) > 4900
 
 
 # ----------------------------------------------------------------------------- full-scale loaders, on local files
@@ -113,79 +145,51 @@ def test_embedding_data_loader_reads_every_row_format_interleaved(tmp_path):
         data.first_text({"other": 1})
 
 
-# ----------------------------------------------------------------------------- the teacher cache
+# ----------------------------------------------------------------------------- the corpus on disk
 
-TEXTS = [f"Text number {k} talks about {w}." for k, w in enumerate(["cats", "stocks", "rain", "python", "tea"] * 3)]
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    return data.sentence_transformer_encoder(data.all_minilm_l6_v2(), max_length=32)
-
-
-def build(folder, encoders, chunk_rows=4, **fill):
-    cache = data.TeacherCache.create(folder, TEXTS, {n: e.dim for n, e in encoders.items()}, chunk_rows=chunk_rows)
-    cache.fill(TEXTS, encoders, **fill)
-    return cache
-
-
-def test_cache_targets_are_the_normalized_concatenation(tmp_path, minilm):
-    encoders = {"a": minilm, "b": minilm}
-    cache = build(tmp_path, encoders)
-    assert cache.dim == 768 and cache.missing_chunks() == {}
-    direct = torch.from_numpy(minilm(TEXTS))
-    expected = jasper.teacher_target(direct, direct)
-    torch.testing.assert_close(cache.targets(range(len(TEXTS))), expected, atol=2e-3, rtol=0)  # float16 storage
-    torch.testing.assert_close(cache.targets([3, 0]), expected[[3, 0]], atol=2e-3, rtol=0)
+def test_corpus_file_round_trip_and_prompts(tmp_path):
+    rows = [("A first passage.", False), ("what is a query", True), ("Ünïcode ✓ text.", False)]
+    assert data.save_corpus(iter(rows), tmp_path / "corpus.arrow", batch_rows=2) == 3  # two record batches
+    corpus = data.Corpus(tmp_path / "corpus.arrow")
+    assert len(corpus) == 3 and corpus.texts([2, 0]) == ["Ünïcode ✓ text.", "A first passage."]
+    assert corpus.is_query.tolist() == [False, True, False] and corpus.lengths.tolist() == [16, 15, 15]
+    np.testing.assert_array_equal(corpus.hashes, data.text_hashes([t for t, _ in rows]))
+    assert corpus.prompted([1, 0], "Q: ") == ["Q: what is a query", "A first passage."]
+    with pytest.raises(ValueError, match=r"empty texts at rows \[1\]"):
+        data.save_corpus([("text", False), ("  ", True)], tmp_path / "bad.arrow")
+    with pytest.raises(FileNotFoundError, match="no corpus"):
+        data.Corpus(tmp_path / "missing.arrow")
 
 
-def test_cache_for_other_texts_fails_loudly(tmp_path, minilm):
-    build(tmp_path, {"a": minilm})
-    changed = list(TEXTS)
-    changed[7] = "A different text."
-    with pytest.raises(ValueError, match="first at row 7"):
-        data.TeacherCache(tmp_path, changed)
-    with pytest.raises(ValueError, match="holds 15 texts, the corpus has 14"):
-        data.TeacherCache(tmp_path, TEXTS[:-1])
-    with pytest.raises(FileNotFoundError, match="no teacher cache"):
-        data.TeacherCache(tmp_path / "nothing", TEXTS)
+def test_opening_a_corpus_maps_it_instead_of_reading_the_texts(tmp_path):
+    """The texts stay in the file's pages (shared by every rank); only the per-row arrays are allocated."""
+    import pyarrow as pa
+    rows = [(f"text number {k} " + "x" * 500, k % 5 == 0) for k in range(20000)]  # 10 MB of text
+    data.save_corpus(rows, tmp_path / "corpus.arrow")
+    before = pa.total_allocated_bytes()
+    corpus = data.Corpus(tmp_path / "corpus.arrow")
+    assert pa.total_allocated_bytes() - before < 20000 * 13 * 2  # hash 8 + length 4 + query 1 byte per row, x2
+    assert corpus.texts([19999])[0].startswith("text number 19999 ")
 
 
-def test_interrupted_build_resumes_and_ranks_share_the_work(tmp_path, minilm):
-    calls = []
-
-    def failing_after_two_chunks(texts):
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # the build is killed here
-        calls.append(len(texts))
-        return minilm(texts)
-    failing_after_two_chunks.dim = minilm.dim
-
-    cache = data.TeacherCache.create(tmp_path / "c", TEXTS, {"a": minilm.dim}, chunk_rows=4)
-    with pytest.raises(KeyboardInterrupt):
-        cache.fill(TEXTS, {"a": failing_after_two_chunks})
-    reopened = data.TeacherCache(tmp_path / "c", TEXTS)
-    assert reopened.missing_chunks() == {"a": [2, 3]}
-    with pytest.raises(ValueError, match="incomplete"):
-        reopened.targets([0])
-    reopened.fill(TEXTS, {"a": minilm}, rank=1, world_size=2)  # rank 1 of 2 takes chunk 3
-    assert reopened.missing_chunks() == {"a": [2]}
-    reopened.fill(TEXTS, {"a": minilm}, rank=0, world_size=2)
-    full = build(tmp_path / "full", {"a": minilm})
-    np.testing.assert_array_equal(np.asarray(reopened.vectors["a"]), np.asarray(full.vectors["a"]))
+def test_corpus_rows_reads_your_own_jsonl_as_it_is(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps({"text": f"text {k}", "query": k == 1}) + "\n" for k in range(5)))
+    assert data.corpus_rows(str(path), 3, seed=0) == [("text 0", False), ("text 1", True), ("text 2", False)]
+    with pytest.raises(ValueError, match="holds 5 texts, 6 were asked for"):
+        data.corpus_rows(str(path), 6, seed=0)
 
 
-def test_bad_teacher_output_is_rejected(tmp_path, minilm):
-    def nan_teacher(texts):
-        out = minilm(texts)
-        out[1, 0] = np.nan
-        return out
-    nan_teacher.dim = minilm.dim
-    cache = data.TeacherCache.create(tmp_path, TEXTS, {"a": minilm.dim}, chunk_rows=4)
-    with pytest.raises(ValueError, match="NaN"):
-        cache.fill(TEXTS, {"a": nan_teacher})
-    with pytest.raises(ValueError, match="shape"):
-        cache.fill(TEXTS, {"a": lambda texts: minilm(texts)[:, :10]})
+def test_paper_corpus_reads_local_files_through_the_paper_loaders(tmp_path):
+    (tmp_path / "fineweb").mkdir()
+    (tmp_path / "fineweb" / "part-0.jsonl").write_text("".join(
+        json.dumps({"text": f"Document {k} is here. It has two sentences.", "id": k}) + "\n" for k in range(20)))
+    (tmp_path / "embedding-training-data").mkdir()
+    with gzip.open(tmp_path / "embedding-training-data" / "pairs.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps([f"question {k}?", "answer"]) + "\n" for k in range(20))
+    rows = data.corpus_rows(f"paper:{tmp_path}", 20, seed=0)
+    assert sum(q for _, q in rows) == 4 and {t for t, q in rows if q} <= {f"question {k}?" for k in range(20)}
+    assert all(t.startswith("Document") or t.startswith("It has") for t, q in rows if not q)
 
 
 # ----------------------------------------------------------------------------- image-caption pairs (stage 4)
@@ -241,22 +245,9 @@ def test_shape_scenes_draw_exactly_what_the_caption_says():
 
 
 def webdataset_tar(path, captions):
-    """A tar in Infinity-MM's layout: NNNNN.jpg + NNNNN.json with a human/gpt conversation."""
-    import io
-    import tarfile
     from PIL import Image
-    with tarfile.open(path, "w") as tar:
-        for k, caption in enumerate(captions):
-            image = io.BytesIO()
-            Image.new("RGB", (24, 16), (10 * k, 200, 0)).save(image, "PNG")
-            record = {"id": str(k), "source": "test", "image": f"/images/{k}.png",
-                      "conversations": [{"from": "human", "value": "<image>\nDescribe the image."},
-                                        {"from": "gpt", "value": caption}]}
-            for name, payload in ((f"{k:05d}.png", image.getvalue()), (f"{k:05d}.json", json.dumps(record).encode())):
-                info = tarfile.TarInfo(name)
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
-    return str(path)
+    return str(rehearsal.webdataset_tar(path, [(Image.new("RGB", (24, 16), (10 * k, 200, 0)), caption)
+                                               for k, caption in enumerate(captions)]))
 
 
 def test_infinity_mm_loader_reads_local_webdataset_tars(tmp_path):

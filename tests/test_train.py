@@ -3,6 +3,7 @@ MPNet teachers): stages 1-4, what each stage changes, self-distillation, K ranks
 and resume."""
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -17,6 +18,8 @@ from safetensors.torch import load_file
 
 import data
 import jasper
+import presets
+import teachers
 import train
 from conftest import ROOT, STAGE1, TINY, run_train, train_command
 
@@ -64,10 +67,10 @@ def test_resume_log_drops_rows_after_the_checkpoint(tmp_path):
 
 
 def test_paper_preset_follows_section_3_1():
-    p = train.preset("paper")
+    p = presets.load("paper")
     per_gpu = {stage: (plan.batch_size / 8, plan.lr, plan.steps) for stage, plan in p.stages.items()}
     assert per_gpu == {1: (128, 1e-4, 4000), 2: (128, 8e-5, 7000), 3: (128, 7e-5, 2200), 4: (90, 1e-4, 3500)}
-    assert (p.max_length, p.mrl_dims, p.n_texts) == (512, [1024, 512, 256], 8_000_000)
+    assert (p.max_length, p.mrl_dims, p.n_texts) == (512, (1024, 512, 256), 8_000_000)
     assert p.vision_encoder == "google/siglip-so400m-patch14-384" and p.image_tokens == 9 * 9  # 27 x 27 patches
     assert p.n_pairs - p.heldout_pairs == p.stages[4].batch_size * p.stages[4].steps  # every pair seen once
 
@@ -112,7 +115,7 @@ def test_recall_at_1_equals_a_loop_and_counts_equal_captions_alike():
 # ----------------------------------------------------------------------------- the pipeline
 
 def test_each_stage_writes_a_model_a_log_and_its_heldout_loss(pipeline):
-    for stage, steps in ((1, 40), (2, 4), (3, 4), (4, 4)):
+    for stage, steps in ((1, 120), (2, 4), (3, 4), (4, 20)):
         folder = pipeline / f"stage{stage}"
         log = read_log(folder / "log.csv")
         assert [row["step"] for row in log] == list(range(steps))
@@ -154,7 +157,7 @@ def test_stage4_trains_the_vision_side_and_scores_retrieval(pipeline):
     after = result["heldout_after"]
     assert set(after) >= {"loss", "1152_cos", "64_resim", "1152_i2c", "1152_c2i", "64_c2i", "chance"}
     assert 0.01 < after["chance"] < 0.03  # 200 held-out pairs over 72 captions
-    assert after["loss"] < result["heldout_before"]["loss"]  # 4 steps already move the images' vectors
+    assert after["loss"] < 0.6 * result["heldout_before"]["loss"]  # 20 steps already align the images a little
     processor = jasper.load_image_processor(str(folder / "vision"))
     image, _ = data.ShapeScenes(1)[0]
     with torch.no_grad():
@@ -178,16 +181,16 @@ def test_self_distillation_changes_only_what_teaches_the_short_heads(pipeline, t
 def test_stage1_reuses_pooled_states_with_the_same_loss_and_gradients(pipeline):
     """While only FC1 trains, the pooled states computed once give the loss and gradients of running the
     encoder every step, and a text seen again costs no encoder pass."""
-    p = train.preset("toy")
-    texts = data.load_corpus(pipeline / "data" / "texts.jsonl")
-    cache = data.TeacherCache(pipeline / "teachers", texts)
-    idx = train.batch_indices(0, 8, len(texts) - 32, seed=0)
+    p = dataclasses.replace(presets.load("toy"), n_texts=96, heldout=32)  # the pipeline's TINY
+    corpus = data.Corpus(pipeline / "data" / "corpus.arrow")
+    cache = teachers.TeacherCache(pipeline / "teachers", corpus.hashes)
+    idx = train.batch_indices(0, 8, len(corpus) - 32, seed=0)
     results = []
     for reuse in (False, True):
         torch.manual_seed(0)
         model, tokenizer = train.load_student(pipeline, 1, p, cache.dim)
         train.prepare_for_stage(model, 1, p, "cpu")
-        task = train.TextStage(texts, cache, tokenizer, p, "cpu", "target", reuse_pooled=reuse)
+        task = train.TextStage(corpus, cache, tokenizer, p, "cpu", "target", reuse_pooled=reuse)
         parts, tokens = task.loss(model, idx, rank=0, world=1)
         parts["loss"].backward()
         again, tokens_again = task.loss(model, idx, rank=0, world=1)
@@ -195,7 +198,7 @@ def test_stage1_reuses_pooled_states_with_the_same_loss_and_gradients(pipeline):
     (loss, grad, tokens, loss_again, tokens_again), (cached_loss, cached_grad, cached_tokens, cached_again, none) = results
     assert cached_loss == pytest.approx(loss, rel=1e-6) and cached_again == pytest.approx(loss_again, rel=1e-6)
     torch.testing.assert_close(cached_grad, grad, rtol=1e-5, atol=1e-7)
-    assert cached_tokens == tokens == tokens_again > 0 and none == 0  # the second pass ran no encoder
+    assert cached_tokens >= tokens == tokens_again > 0 and none == 0  # the second pass ran no encoder
 
 
 def test_a_missing_previous_stage_fails_at_once_in_one_line(tmp_path):
@@ -246,9 +249,25 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(pipeline, tmp_pat
     assert (tmp_path / "stage1" / "checkpoints" / "latest").read_text().strip() == "step20"
 
     run_train(tmp_path, *STAGE1)
-    assert json.loads((tmp_path / "stage1" / "eval.json").read_text())["steps_run"] == 20
+    assert json.loads((tmp_path / "stage1" / "eval.json").read_text())["steps_run"] == 100
     assert read_log(log_file) == read_log(pipeline / "stage1" / "log.csv")
     resumed, uninterrupted = weights(tmp_path / "stage1"), weights(pipeline / "stage1")
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
     before = json.loads((pipeline / "stage1" / "eval.json").read_text())["heldout_before"]
     assert json.loads((tmp_path / "stage1" / "eval.json").read_text())["heldout_before"] == before
+
+
+def test_your_own_teachers_student_and_corpus_from_the_command_line(tmp_path):
+    """No preset change: another student (a tiny Qwen2), one teacher at a width it must pick (the Stella-like
+    stand-in's 32-d module), your own jsonl texts. FC1 follows the teacher's width; the cache records it."""
+    import rehearsal
+    stella = rehearsal.stella_like(tmp_path / "stella")
+    corpus = tmp_path / "mine.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"Sentence {k} is about topic {k % 7}.", "query": k % 5 == 0}) + "\n"
+                              for k in range(60)))
+    run_train(tmp_path / "run", "--stage", "1", "--student", str(stella), "--teacher", f"mine={stella}@32",
+              "--corpus", str(corpus), "--n-texts", "60", "--heldout", "12", "--batch-size", "8", "--steps", "3")
+    meta = json.loads((tmp_path / "run" / "teachers" / "meta.json").read_text())
+    assert [(t["name"], t["dim"], t["model"]) for t in meta["teachers"]] == [("mine", 32, str(stella))]
+    assert json.loads((tmp_path / "run" / "stage1" / "jasper_config.json").read_text())["head_dims"] == [32]
+    assert data.Corpus(tmp_path / "run" / "data" / "corpus.arrow").texts([1]) == ["Sentence 1 is about topic 1."]
