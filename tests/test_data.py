@@ -172,6 +172,19 @@ def test_opening_a_corpus_maps_it_instead_of_reading_the_texts(tmp_path):
     assert corpus.texts([19999])[0].startswith("text number 19999 ")
 
 
+def test_reading_texts_copies_only_those_texts_from_any_batch(tmp_path):
+    """Rows from several record batches, in any order and repeated, come back as a plain list gives them
+    (each batch is read on its own: a take over the whole column would first copy every text)."""
+    rows = [(f"text number {k} " + "y" * 500, False) for k in range(20000)]
+    data.save_corpus(rows, tmp_path / "corpus.arrow", batch_rows=3000)  # 7 record batches
+    corpus = data.Corpus(tmp_path / "corpus.arrow")
+    indices = np.random.default_rng(0).integers(0, 20000, 300).tolist() + [0, 2999, 3000, 19999, 5]
+    assert len(corpus.text_batches) == 7
+    assert corpus.texts(indices) == [rows[i][0] for i in indices]
+    with pytest.raises(IndexError, match="20000"):
+        corpus.texts([20000])
+
+
 def test_corpus_rows_reads_your_own_jsonl_as_it_is(tmp_path):
     path = tmp_path / "mine.jsonl"
     path.write_text("".join(json.dumps({"text": f"text {k}", "query": k == 1}) + "\n" for k in range(5)))
