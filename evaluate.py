@@ -50,13 +50,9 @@ BATCH_SIZE = 64
 def lee_documents() -> tuple[list[str], np.ndarray]:
     """The 50 documents of Lee, Pincombe & Welsh (2005) and the (50, 50) matrix of mean human similarity ratings
     (0-1, filled above the diagonal), from the data files of the gensim wheel (its code is not used)."""
-    import importlib.metadata
-    files = {f.name: f for f in importlib.metadata.distribution("gensim").files
-             if f.name in ("lee.cor", "similarities0-1.txt")}
-    locate = importlib.metadata.distribution("gensim").locate_file
-    documents = locate(files["lee.cor"]).read_text(encoding="latin-1").splitlines()
-    ratings = np.array([[float(v) for v in line.split("\t")]
-                        for line in locate(files["similarities0-1.txt"]).read_text().splitlines()])
+    documents = data.package_file("gensim", "test_data/lee.cor").read_text(encoding="latin-1").splitlines()
+    ratings = np.array([[float(v) for v in line.split("\t")] for line in
+                        data.package_file("gensim", "test_data/similarities0-1.txt").read_text().splitlines()])
     return documents, ratings
 
 

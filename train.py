@@ -196,6 +196,17 @@ def image_batches(processor, images: list, chunk: int, device) -> Iterator[dict[
 # A stage is its examples (the last `n_heldout` never train), the loss of a step's global batch, and the
 # scores on the held-out examples. Stages 1-3 distill texts, stage 4 images; main() trains either.
 
+def length_blocks(lengths: np.ndarray, n_train: int, size: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """The texts in blocks of `size` of similar length, training texts and held-out ones apart: (the blocks'
+    text indices, each text's block)."""
+    blocks, block_of = [], np.empty(len(lengths), dtype=np.int64)
+    for part in (np.arange(n_train), np.arange(n_train, len(lengths))):
+        by_length = part[np.argsort(lengths[part], kind="stable")]
+        block_of[by_length] = len(blocks) + np.arange(len(part)) // size
+        blocks += [by_length[k:k + size] for k in range(0, len(part), size)]
+    return blocks, block_of
+
+
 class TextStage:
     """Stages 1-3 (paper 2.3-2.4): the student's heads against the teachers' target for each text.
 
@@ -212,11 +223,8 @@ class TextStage:
         self.lengths = corpus.lengths + corpus.is_query * len(p.query_prompt)  # characters the student reads
         self.n_examples, self.n_heldout = len(corpus), p.heldout
         self.pooled = {} if reuse_pooled else None  # text index -> (H,) pooled state
-        self.blocks, self.block_of = [], np.empty(len(corpus), dtype=np.int64)
-        for part in (np.arange(len(corpus) - p.heldout), np.arange(len(corpus) - p.heldout, len(corpus))):
-            by_length = part[np.argsort(self.lengths[part], kind="stable")]
-            self.block_of[by_length] = len(self.blocks) + np.arange(len(part)) // p.forward_chunk
-            self.blocks += [by_length[k:k + p.forward_chunk] for k in range(0, len(part), p.forward_chunk)]
+        if reuse_pooled:
+            self.blocks, self.block_of = length_blocks(self.lengths, len(corpus) - p.heldout, p.forward_chunk)
 
     def student(self, model, indices: np.ndarray) -> tuple[dict[int, torch.Tensor], int]:
         """{width: (len(indices), width)} for these texts (model: the DeepSpeed engine or the Jasper), and how
