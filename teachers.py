@@ -29,16 +29,18 @@ from tqdm.auto import tqdm
 
 import data
 import presets
+from data import InputError
 from presets import Preset, Teacher
 
 
 # ----------------------------------------------------------------------------- a teacher
 
 class TeacherEncoder:
-    """A teacher as a function (texts, is_query) -> (k, dim) float32 vectors, through sentence-transformers,
-    which applies the model's own pooling and dense layers. Where the model's default output is not the width
-    the teacher must give, its *_Dense_{dim} module replaces the default Dense module (Stella v5 loads
-    2_Dense_1024; its 8192-d vectors come from 2_Dense_8192). Hub ids need network once; folders never do."""
+    """A teacher as a function (texts, kinds) -> (k, dim) float32 vectors, through sentence-transformers, which
+    applies the model's own pooling and dense layers; each text gets the teacher's prompt for its kind. Where the
+    model's default output is not the width the teacher must give, its *_Dense_{dim} module replaces the default
+    Dense module (Stella v5 loads 2_Dense_1024; its 8192-d vectors come from 2_Dense_8192). Hub ids need network
+    once; folders never do."""
 
     def __init__(self, teacher: Teacher, max_length: int, batch_size: int = 64, device: str | None = None):
         from sentence_transformers import SentenceTransformer
@@ -58,6 +60,7 @@ class TeacherEncoder:
             self.dim = self.probe_width()
         # sentence-transformers leaves prompt tokens out of the mean only when the prompt comes separately
         self.prompt_in_pooling = all(getattr(m, "include_prompt", True) for m in self.st)
+        self.special_tokens = len(self.st.tokenizer("")["input_ids"])  # what the tokenizer adds itself (BOS, ...)
 
     def probe_width(self) -> int:
         return self.st.encode(["width"], convert_to_tensor=True).shape[-1]
@@ -71,24 +74,31 @@ class TeacherEncoder:
         dense = [k for k, module in enumerate(self.st) if type(module).__name__ == "Dense"]
         if not found or not dense:
             have = sorted(p.name for p in folder.glob("*_Dense_*"))
-            raise ValueError(f"teacher {self.teacher.name} ({self.teacher.model}) gives {self.dim}-d vectors, not "
+            raise InputError(f"teacher {self.teacher.name} ({self.teacher.model}) gives {self.dim}-d vectors, not "
                              f"{dim}, and has no *_Dense_{dim} module to give them (its Dense modules: {have})")
         module = self.st[dense[-1]]
         self.st[dense[-1]] = type(module).load(str(found[0])).to(self.st.device, next(module.parameters()).dtype)
 
-    def __call__(self, texts: Sequence[str], is_query: Sequence[bool]) -> np.ndarray:
+    def __call__(self, texts: Sequence[str], kinds: Sequence[str]) -> np.ndarray:
+        prompts = [self.teacher.prompts.get(kind, "") for kind in kinds]
         if self.teacher.append_eos:
-            texts = [t + self.st.tokenizer.eos_token for t in texts]
-        prompt, is_query = self.teacher.query_prompt, np.asarray(is_query, dtype=bool)
-        if not prompt or not is_query.any():
-            return self.encode(list(texts))
-        if self.prompt_in_pooling:  # what sentence-transformers would do with the prompt: one call, as before
-            return self.encode([prompt + t if q else t for t, q in zip(texts, is_query)])
+            texts = [self.cut_then_eos(text, prompt) for text, prompt in zip(texts, prompts)]
+        if self.prompt_in_pooling:  # the prompt is more text to read: one call
+            return self.encode([prompt + text for prompt, text in zip(prompts, texts)])
         vectors = np.empty((len(texts), self.dim), dtype=np.float32)
-        for mask, kwargs in ((is_query, {"prompt": prompt}), (~is_query, {})):
-            if mask.any():
-                vectors[mask] = self.encode([t for t, m in zip(texts, mask) if m], **kwargs)
+        for prompt in dict.fromkeys(prompts):  # a prompt given apart stays out of the mean
+            rows = [k for k, p in enumerate(prompts) if p == prompt]
+            vectors[rows] = self.encode([texts[k] for k in rows], **({"prompt": prompt} if prompt else {}))
         return vectors
+
+    def cut_then_eos(self, text: str, prompt: str) -> str:
+        """`text` cut where prompt + text + EOS fills the max length, then the EOS token appended (NV-Embed-v2's
+        card appends it to every text; appended before the cut, it would be cut off every long text)."""
+        budget = self.st.max_seq_length - self.special_tokens - 1
+        tokens = self.st.tokenizer(prompt + text, add_special_tokens=False, return_offsets_mapping=True)
+        if len(tokens["input_ids"]) > budget:
+            text = text[:max(0, tokens["offset_mapping"][budget - 1][1] - len(prompt))]
+        return text + self.st.tokenizer.eos_token
 
     def encode(self, texts: list[str], **kwargs) -> np.ndarray:
         vectors = self.st.encode(texts, batch_size=self.batch_size, convert_to_tensor=True, show_progress_bar=False,
@@ -113,16 +123,34 @@ def model_identity(model: str) -> str:
     return digest.hexdigest()
 
 
-def teacher_record(t: Teacher, dim: int) -> dict:
-    """What meta.json keeps of a teacher; all but "model" must match for a preset's teacher to reuse the cache."""
+def teacher_record(t: Teacher, dim: int | None) -> dict:
+    """What meta.json keeps of a teacher: everything that makes its vectors what they are, and where it came from
+    ("model": another copy of the same model, with the same "identity", makes the same vectors)."""
     return {"name": t.name, "model": t.model, "identity": model_identity(t.model), "dim": dim,
-            "query_prompt": t.query_prompt, "append_eos": t.append_eos}
+            "prompts": t.prompts, "append_eos": t.append_eos}
+
+
+def cache_problem(meta: dict, teachers: Sequence[Teacher], max_length: int) -> str | None:
+    """Why a cache with this meta.json cannot serve a run with these teachers and this max length (the field that
+    differs), or None. Costs no model load: a local model's identity hashes file names, sizes and configs."""
+    if meta["max_length"] != max_length:
+        return f"its texts were cut at max_length {meta['max_length']}, this run cuts at {max_length}"
+    if [t["name"] for t in meta["teachers"]] != [t.name for t in teachers]:
+        return f"it was made by the teachers {[t['name'] for t in meta['teachers']]}, not {[t.name for t in teachers]}"
+    for made, teacher in zip(meta["teachers"], teachers):
+        asked = teacher_record(teacher, made["dim"] if teacher.dim is None else teacher.dim)
+        for key, name in (("identity", "model"), ("dim", "dim"), ("prompts", "prompts"), ("append_eos", "append_eos")):
+            if made[key] != asked[key]:
+                shown = (made["model"], asked["model"]) if key == "identity" else (made[key], asked[key])
+                return f"teacher {teacher.name}'s {name} was {shown[0]!r}, this run's is {shown[1]!r}"
+    return None
 
 
 def cached_teachers(folder: Path) -> tuple[list[Teacher], int]:
     """The teachers that made the cache in `folder`, and the length they truncated at."""
     meta = json.loads((Path(folder) / "meta.json").read_text())
-    return [Teacher(**{k: v for k, v in t.items() if k != "identity"}) for t in meta["teachers"]], meta["max_length"]
+    return ([Teacher(**{k: v for k, v in t.items() if k != "identity"}) for t in meta["teachers"]],
+            meta["max_length"])
 
 
 class TeacherCache:
@@ -138,10 +166,10 @@ class TeacherCache:
         self.meta = json.loads((self.folder / "meta.json").read_text())
         stored = np.load(self.folder / "hashes.npy")
         if len(stored) != len(hashes):
-            raise ValueError(f"teacher cache {self.folder} holds {len(stored)} texts, the corpus has {len(hashes)}")
+            raise InputError(f"teacher cache {self.folder} holds {len(stored)} texts, the corpus has {len(hashes)}")
         differ = np.flatnonzero(stored != hashes)
         if len(differ):
-            raise ValueError(f"teacher cache {self.folder} was built for other texts: {len(differ)} rows differ, "
+            raise InputError(f"teacher cache {self.folder} was built for other texts: {len(differ)} rows differ, "
                              f"first at row {differ[0]}; rebuild it")
         self.vectors = {t["name"]: np.load(self.folder / f"{t['name']}.npy", mmap_mode="r+")
                         for t in self.meta["teachers"]}
@@ -170,24 +198,11 @@ class TeacherCache:
         """The width of the target: the teachers' widths added up."""
         return sum(t["dim"] for t in self.meta["teachers"])
 
-    def check_teachers(self, teachers: Sequence[Teacher]) -> None:
-        """Refuse a cache made by other teachers (model, width, prompt or EOS); another copy of the same model
-        (model_identity) is the same teacher."""
-        def key(record):
-            return {k: v for k, v in record.items() if k != "model"}
-        made = [key(t) for t in self.meta["teachers"]]
-        asked = [key(teacher_record(t, t.dim if t.dim is not None else m["dim"]))
-                 for t, m in zip(teachers, self.meta["teachers"])]
-        if len(teachers) != len(made) or made != asked:
-            raise ValueError(f"the teacher cache {self.folder} was made by "
-                             f"{[(t['name'], t['model'], t['dim']) for t in self.meta['teachers']]} (with their prompts), "
-                             f"not by this run's {[(t.name, t.model, t.dim) for t in teachers]}: use another --out")
-
     def missing_chunks(self) -> dict[str, list[int]]:
         return {name: np.flatnonzero(done == 0).tolist() for name, done in self.done.items() if not done.all()}
 
     def fill(self, corpus: data.Corpus, encoders: dict[str, Callable], rank: int = 0, world_size: int = 1) -> None:
-        """Encode this rank's missing chunks with each teacher's encoder ((texts, is_query) -> (k, dim) array)."""
+        """Encode this rank's missing chunks with each teacher's encoder ((texts, kinds) -> (k, dim) array)."""
         rows = self.meta["chunk_rows"]
         for name, encode in encoders.items():
             todo = [c for c in np.flatnonzero(self.done[name] == 0) if c % world_size == rank]
@@ -196,7 +211,7 @@ class TeacherCache:
                 for chunk in todo:
                     start, stop = chunk * rows, min((chunk + 1) * rows, self.meta["n"])
                     index = np.arange(start, stop)
-                    vectors = np.asarray(encode(corpus.texts(index), corpus.is_query[index]), dtype=np.float32)
+                    vectors = np.asarray(encode(corpus.texts(index), corpus.kind_names(index)), dtype=np.float32)
                     if vectors.shape != (stop - start, self.vectors[name].shape[1]):
                         raise ValueError(f"teacher {name} returned shape {vectors.shape} for rows {start}:{stop}")
                     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -223,12 +238,14 @@ def corpus_recipe(p: Preset, seed: int) -> dict:
     return {"corpus": p.corpus, "n_texts": p.n_texts, "seed": seed}
 
 
-def recipe_problem(out: Path, p: Preset, seed: int) -> str | None:
-    """Why OUT/data cannot serve this run (made by another recipe), or None."""
-    recipe_file = out / "data" / "recipe.json"
+def data_problem(out: Path, p: Preset, seed: int) -> str | None:
+    """Why OUT/data or OUT/teachers cannot serve this run (another corpus recipe; other teachers, prompts or max
+    length), or None. Reads two small JSON files: it runs before anything loads."""
+    recipe_file, meta_file = out / "data" / "recipe.json", out / "teachers" / "meta.json"
     if recipe_file.is_file() and json.loads(recipe_file.read_text()) != corpus_recipe(p, seed):
         return f"{out}/data was made by {recipe_file.read_text().strip()}, not {corpus_recipe(p, seed)}: use another --out"
-    return None
+    problem = meta_file.is_file() and cache_problem(json.loads(meta_file.read_text()), p.teachers, p.max_length)
+    return f"the teacher cache {meta_file.parent} cannot serve this run: {problem}; use another --out" if problem else None
 
 
 def barrier() -> None:
@@ -241,9 +258,9 @@ def prepare(out: Path, p: Preset, seed: int, rank: int = 0, world: int = 1,
     """OUT/data/corpus.arrow and the teachers' vectors for it in OUT/teachers, each built once (by every rank
     together where there is work)."""
     corpus_file = out / "data" / "corpus.arrow"
-    problem = recipe_problem(out, p, seed)
+    problem = data_problem(out, p, seed)
     if problem:
-        raise ValueError(problem)
+        raise InputError(problem)
     if rank == 0 and not corpus_file.is_file():
         data.save_corpus(data.corpus_rows(p.corpus, p.n_texts, seed), corpus_file)
         (out / "data" / "recipe.json").write_text(json.dumps(corpus_recipe(p, seed)) + "\n")
@@ -253,9 +270,7 @@ def prepare(out: Path, p: Preset, seed: int, rank: int = 0, world: int = 1,
     folder = out / "teachers"
     created = (folder / "meta.json").is_file()
     if created:
-        cache = TeacherCache(folder, corpus.hashes)
-        cache.check_teachers(p.teachers)
-        missing = cache.missing_chunks()
+        missing = TeacherCache(folder, corpus.hashes).missing_chunks()
     encoders = {t.name: TeacherEncoder(t, p.max_length, p.teacher_batch, device)
                 for t in p.teachers if not created or t.name in missing}
     if rank == 0 and not created:
@@ -275,6 +290,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     p = presets.from_arguments(args)
+    problem = data_problem(args.out, p, args.seed)
+    if problem:
+        raise InputError(problem)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     if world > 1:  # torchrun (or the deepspeed launcher) started W processes: share the chunks
@@ -286,4 +304,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    presets.run_command("teachers.py", main)
