@@ -4,48 +4,50 @@ Dun Zhang, Jiacheng Li, Ziyang Zeng, Fulong Wang. arXiv:2412.19048 (2024).
 
 A student embedding model learns to reproduce the vectors of several frozen teacher models.
 
-Notation (paper 2.1). For a text x, s_x is the student's L2-normalized vector and t_x the teachers'
-vectors, each L2-normalized, concatenated and L2-normalized again. For a batch X of m texts, S_X and
-T_X stack those rows.
+Notation (paper 2.1). A batch holds m texts x. s_x is the student's L2-normalized vector of x; t_x is the
+teachers' vectors of x, each L2-normalized, concatenated and L2-normalized again. S and T stack them as rows.
+The batch has C(m,2) text pairs (i,j), i < j, and N = C(C(m,2), 2) pairs of those pairs.
 
     (1) L_cos   = sum_x (1 - s_x . t_x)
-    (2) L_sim   = MSE(S_X S_X^T, T_X T_X^T)
-    (3) L_resim = 1/N sum_{(i,j),(m,n): t_i.t_j > t_m.t_n} max(0, s_m.s_n - s_i.s_j + margin),
-                  over the N = C(m,2) text pairs
-    (4) L       = l1 L_cos + l2 L_sim + l3 L_resim,   l1, l2, l3 = 10, 200, 20,   margin = 0.015
+    (2) L_sim   = MSE(S S^T, T T^T)
+    (3) L_resim = 1/N sum over pairs of pairs ((i,j), (k,l)) with t_i.t_j > t_k.t_l of
+                      max(0, s_k.s_l - s_i.s_j + margin)
+    (4) L       = l1 L_cos + l2 L_sim + l3 L_resim,   (l1, l2, l3) = (10, 200, 20),   margin = 0.015
 
-The student (paper 2.2, Figure 1): a bidirectional language model with mean pooling, a vision
-encoder whose tokens a pooler shrinks and maps to the language model's input width, and fully
-connected heads. FC1 maps to the teachers' concatenated width (12288 = 4096 + 8192 in the paper);
-FC2-FC4 are the short Matryoshka (MRL) heads added in stage 3.
+The student (paper 2.2, Figure 1): a bidirectional language model with mean pooling, a vision encoder whose
+tokens a pooler shrinks to fewer tokens at the language model's input width, and fully connected heads. FC1
+maps to the teachers' concatenated width (12288 = 4096 + 8192 in the paper); FC2-FC4 are the short
+Matryoshka (MRL) heads added in stage 3.
 
-The stages (paper 2.3-2.5), i.e. what trains:
-    1: FC1            2: FC1 + the last 3 encoder layers
-    3: the whole text side and every head (short heads get L_sim + L_resim only)
-    4: the vision encoder + pooler only (caption vectors teach image vectors)
+The stages (paper 2.3-2.5): what trains, and the loss.
+    1: FC1                                  eq. (4), FC1 against the target
+    2: FC1 + the last 3 encoder layers      eq. (4), FC1 against the target
+    3: the text side and every head         FC1: eq. (4); each short head: 200 L_sim + 20 L_resim (text_distill_loss)
+    4: the vision encoder                   every head: eq. (4), image against its caption (image_distill_loss)
 
-This file reads top to bottom: the losses (pure functions on (m, d) matrices), the config, the
-modules, the stage plan.
+This file reads top to bottom: input checks, the target and the losses (pure functions on (m, d) matrices),
+the config, the modules, the stage plan. The exact fast L_resim for large batches is in resim_counted.py,
+saving and loading in saving.py.
 """
 
 import inspect
-import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import MODEL_MAPPING, AutoConfig, SiglipVisionConfig, SiglipVisionModel
+
+from resim_counted import resim_hinge_sum_counted
 
 LOSS_WEIGHTS = {"cos": 10.0, "sim": 200.0, "resim": 20.0}  # lambda_1..3, paper 3.1
 MARGIN = 0.015  # paper 3.1
 UNIT_NORM_TOLERANCE = 1e-2  # bf16 rounding keeps row norms within ~4e-3 of 1
 TIE_TOLERANCE = 1e-6  # teacher similarities closer than this tie (float32 dot products err ~6e-7)
-DENSE_RESIM_MAX_PAIRS = 496  # m <= 32: both ways take ~2 ms there, and the dense one is the reference
+DENSE_RESIM_MAX_PAIRS = 496  # text pairs (m <= 32): both ways take ~2 ms there, and the dense one is the reference
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -124,21 +126,20 @@ def similarity_loss(s: Tensor, t: Tensor) -> Tensor:
 def resim_loss(s: Tensor, t: Tensor, margin: float = MARGIN, method: str = "auto") -> Tensor:
     """Eq. (3), relative similarity distillation, a CoSENT-style ranking loss:
 
-        L_resim = 1/P sum over pairs of pairs with t_i.t_j > t_m.t_n of max(0, s_m.s_n - s_i.s_j + margin)
+        L_resim = 1/N sum over pairs of text pairs ((i,j), (k,l)) with t_i.t_j > t_k.t_l of
+                      max(0, s_k.s_l - s_i.s_j + margin)
 
-    s: (m, d_s), t: (m, d_t) unit rows. The pairs are the N = C(m,2) unordered text pairs (i<j).
-    Whenever the teachers rank pair (i,j) above pair (m,n), the student must too, by `margin`.
-    A teacher tie is never "greater", so tied pairs of pairs add nothing. "Greater" means greater
-    by more than TIE_TOLERANCE: a matrix product may round the similarities of a duplicated text
-    differently in the last bit, and a duplicate must tie, not be ranked by rounding noise.
+    s: (m, d_s), t: (m, d_t) unit rows. The text pairs are the C(m,2) unordered pairs i < j. Whenever the
+    teachers rank pair (i,j) above pair (k,l), the student must too, by `margin`. Of the two orders of a pair of
+    pairs at most one is "greater", so the sum has at most one term per unordered pair of pairs, and N, the
+    paper's count of them, is C(C(m,2), 2) (the sentence after its eq. 3; also the official code's mean): the
+    loss does not grow with the batch. A teacher tie is never "greater" and adds nothing; "greater" means by
+    more than TIE_TOLERANCE, so a duplicated text, whose similarities a matrix product may round differently in
+    the last bit, ties instead of being ranked by rounding noise. m < 3 has no pair of pairs: the loss is 0.
 
-    Scale: the paper writes 1/N; the official implementation, with which the weights 10/200/20 were
-    tuned, averages over all P = N(N-1)/2 unordered pairs of pairs (it gives ties a direction; we do
-    not). We divide by P, which keeps the loss independent of the batch size. m < 3 gives 0.
-
-    method: "dense" compares all N x N pairs of pairs (the readable reference, O(m^4) memory);
-    "counted" gets the same value and gradient from two counts per pair in O(N log N) time and O(N)
-    memory; "auto" takes dense up to DENSE_RESIM_MAX_PAIRS pairs (m <= 32), where both are instant.
+    method: "dense" compares all pairs of pairs (resim_hinge_sum_dense: the readable reference, O(m^4) memory);
+    "counted" gets the same value and gradient in O(P log P) time and O(P) memory, P = C(m,2)
+    (resim_counted.py); "auto" takes dense up to DENSE_RESIM_MAX_PAIRS text pairs (m <= 32).
     """
     check_vectors(s=s, t=t)
     if margin < 0:
@@ -147,103 +148,26 @@ def resim_loss(s: Tensor, t: Tensor, margin: float = MARGIN, method: str = "auto
         raise ValueError(f"method must be 'auto', 'dense' or 'counted', got {method!r}")
     m = s.shape[0]
     i, j = torch.triu_indices(m, m, offset=1, device=s.device)
-    s_pairs = (s @ s.T)[i, j]  # (N,) student similarity of each pair i<j
-    t_pairs = (t @ t.T)[i, j]  # (N,) teacher similarity of each pair
+    s_pairs = (s @ s.T)[i, j]  # (P,) student similarity of each text pair i < j
+    t_pairs = (t @ t.T)[i, j]  # (P,) teacher similarity of each text pair
     n_pairs = s_pairs.shape[0]
     if n_pairs < 2:
         return s_pairs.sum() * 0.0  # no pair of pairs; keeps the graph so backward gives zeros
     if method == "auto":
         method = "dense" if n_pairs <= DENSE_RESIM_MAX_PAIRS else "counted"
-    hinge_sum = resim_hinge_sum_dense if method == "dense" else resim_hinge_sum_counted
-    return hinge_sum(s_pairs, t_pairs, margin) / (n_pairs * (n_pairs - 1) / 2)
+    if method == "dense":
+        hinge_sum = resim_hinge_sum_dense(s_pairs, t_pairs, margin)
+    else:
+        hinge_sum = resim_hinge_sum_counted(s_pairs, t_pairs, margin, TIE_TOLERANCE)
+    return hinge_sum / math.comb(n_pairs, 2)  # N
 
 
 def resim_hinge_sum_dense(s_pairs: Tensor, t_pairs: Tensor, margin: float) -> Tensor:
-    """Eq. (3)'s sum over pairs of pairs, written out. s_pairs, t_pairs: (N,) -> scalar."""
-    # (N, N): row a is the pair the teachers rank higher, column b the lower one
+    """Eq. (3)'s sum over pairs of text pairs, written out. s_pairs, t_pairs: (P,) -> scalar."""
+    # (P, P): row a is the pair the teachers rank higher, column b the lower one
     teacher_higher = t_pairs[:, None] > t_pairs[None, :] + TIE_TOLERANCE
     hinge = F.relu((s_pairs[None, :] + margin) - s_pairs[:, None])
     return (hinge * teacher_higher).sum()
-
-
-def resim_hinge_sum_counted(s_pairs: Tensor, t_pairs: Tensor, margin: float) -> Tensor:
-    """The same sum as resim_hinge_sum_dense, from two counts per pair instead of an (N, N) matrix.
-
-    Each active hinge, pair a above pair b in the teachers' order with s_a < s_b + margin, adds
-    (s_b + margin) - s_a. Collect the terms per pair p:
-        below[p] = #{a : t_a > t_p + tol and s_a < s_p + margin}   active hinges where p is the lower pair
-        above[p] = #{b : t_p > t_b + tol and s_p < s_b + margin}   active hinges where p is the higher one
-        sum = sum_p below[p] (s_p + margin) - above[p] s_p,   d sum / d s_p = below[p] - above[p]
-    The counts are constants of the step, so autograd through the last line gives the dense gradient.
-
-    Sorted by teacher similarity, the pairs ranked above p are a suffix [start_p, N) and those ranked
-    below a prefix [0, end_p) (ties excluded by the same comparisons as the dense version). Replacing
-    each student similarity by its rank r (a permutation of 0..N-1), both counts become "how many
-    ranks below a limit in a prefix", which count_ranks_below answers for all 2N queries at once.
-    O(N log N) time, O(N) memory. Summed in float64: the two terms are ~N^2 and their difference small.
-    """
-    n = s_pairs.shape[0]
-    order = torch.argsort(sortable_int(t_pairs.detach()))
-    s_in_order = s_pairs[order]  # (N,) with its gradient, for the last line
-    with torch.no_grad():
-        t, s = t_pairs[order], s_in_order.detach()
-        floor = t + TIE_TOLERANCE  # as in the dense version: a is above b iff t_a > t_b + tol
-        start = torch.searchsorted(t, floor, right=True, out_int32=True)  # [start_p, N): the pairs above p
-        end = torch.searchsorted(floor, t, out_int32=True)  # [0, end_p): the pairs below p
-        by_value = torch.argsort(sortable_int(s))
-        s_sorted = s[by_value]
-        rank = torch.empty(n, dtype=torch.int32, device=s.device)
-        rank[by_value] = torch.arange(n, dtype=torch.int32, device=s.device)
-        ceiling = s_sorted + margin
-        fewer_than_ceiling = torch.searchsorted(s_sorted, ceiling, out_int32=True).index_select(0, rank)  # #{a : s_a < s_p + margin}
-        at_most = torch.searchsorted(ceiling, s_sorted, right=True, out_int32=True).index_select(0, rank)  # #{b : s_b + margin <= s_p}
-        counts = count_ranks_below(rank, torch.cat([start, end]), torch.cat([fewer_than_ceiling, at_most]))
-        below = fewer_than_ceiling - counts[:n]  # the suffix: all ranks below the limit minus the prefix's
-        above = end - counts[n:]  # the prefix's ranks not below the limit
-    total = ((below - above).double() * s_in_order.double()).sum() + margin * below.sum().double()
-    return total.to(s_pairs.dtype)
-
-
-def sortable_int(x: Tensor) -> Tensor:
-    """Integers that sort like the floats x: their IEEE 754 bits, with the magnitude bits of negative
-    numbers flipped. Integer sorts are radix sorts, several times faster than float sorts on a CPU."""
-    bits = x.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
-    return bits ^ ((bits >> (8 * x.element_size() - 1)) & torch.iinfo(bits.dtype).max)
-
-
-def count_ranks_below(ranks: Tensor, prefix: Tensor, limit: Tensor) -> Tensor:
-    """For each query q: #{b < prefix[q] : ranks[b] < limit[q]}.
-
-    ranks: (N,) a permutation of 0..N-1; prefix, limit: (Q,) in [0, N] -> (Q,) counts (ranks' dtype).
-    A wavelet matrix, queried for all q at once: one pass per bit of the ranks, from the highest.
-    Each pass reorders the ranks stably by that bit (zeros first, then ones). The ranks that agree
-    with a query's limit in the bits above stay together in one block (a node) whose start depends
-    on those bits alone, so each query follows only its end `hi` into the half that shares its
-    limit's bit; where the limit has a 1, the node's ranks before `hi` with a 0 there are below the
-    limit and counted. O((N + Q) log N) time, O(N + Q) memory; int32 halves the memory traffic.
-    """
-    n = ranks.shape[0]
-    boundaries = torch.arange(n + 1, dtype=ranks.dtype, device=ranks.device)
-    hi, count = prefix.clone(), torch.zeros_like(prefix)
-    node_start = boundaries[:1]  # one node: the whole sequence
-    for bit in reversed(range(max(1, n.bit_length()))):
-        ones = (ranks >> bit) & 1
-        zeros_before = F.pad(torch.cumsum(1 - ones, 0, dtype=ranks.dtype), (1, 0))  # (N+1,) among the first k
-        n_zeros = zeros_before[-1]
-        # (2 * (N+1),): where boundary k lands among the zeros, then where it lands among the ones
-        follow = torch.cat([zeros_before, n_zeros + boundaries - zeros_before])
-        # (index_select takes int32 indices as they are; x[i] would copy them to int64)
-        start_zeros = zeros_before.index_select(0, node_start)  # (nodes,)
-        lo_zeros = start_zeros.index_select(0, limit >> (bit + 1))  # (Q,)
-        hi_zeros = zeros_before.index_select(0, hi)  # (Q,)
-        limit_bit = (limit >> bit) & 1
-        count += limit_bit * (hi_zeros - lo_zeros)
-        hi = follow.index_select(0, limit_bit * (n + 1) + hi)
-        # node (prefix) splits into (prefix, 0) among the zeros and (prefix, 1) among the ones
-        node_start = torch.stack([start_zeros, n_zeros + node_start - start_zeros], dim=1).flatten()
-        destination = follow.index_select(0, ones * (n + 1) + boundaries[:-1])
-        ranks = torch.empty_like(ranks).scatter_(0, destination.long(), ranks)
-    return count
 
 
 def distill_loss(s: Tensor, t: Tensor, margin: float = MARGIN,
@@ -273,12 +197,16 @@ def named_parts(per_head: dict[int, dict[str, Tensor]]) -> dict[str, Tensor]:
 
 
 def text_distill_loss(student: dict[int, Tensor], target: Tensor, short_teacher: str = "target") -> dict[str, Tensor]:
-    """The loss of stages 1-3: eq. (4) for every head of the student against the teachers' target.
+    """The loss of stages 1-3: every head of the student against the teachers' target T (paper 2.3-2.4),
+
+        L = L_4(S_FC1, T) + 1/|H| sum_{h in H} (200 L_sim(S_h, T) + 20 L_resim(S_h, T))
+
+    where L_4 is eq. (4) and H the short MRL heads (none in stages 1-2). FC1, as wide as T, gets all three
+    losses; a short head cannot be compared with T vector by vector, only by its similarities. The short heads'
+    mean keeps FC1's objective at the scale it had in stages 1-2 (the official code likewise averages its
+    similarity losses over the MRL widths).
 
     student: {width: (m, width) unit rows}, one entry per FC head; target: (m, D) unit rows.
-    FC1 (width D) gets all three losses. The short MRL heads of stage 3 get L_sim + L_resim, and
-    their mean joins FC1's loss, so FC1's objective keeps the scale it had in stages 1-2 (the official
-    code likewise averages the similarity losses over its MRL widths).
 
     short_teacher: what the short heads learn from: "target", the teachers' vectors (paper 2.4); "fc1",
     FC1's own vectors, detached (the self-distillation paper 2.4 proposes but never evaluates); or
@@ -303,9 +231,11 @@ def text_distill_loss(student: dict[int, Tensor], target: Tensor, short_teacher:
 
 
 def image_distill_loss(image: dict[int, Tensor], caption: dict[int, Tensor]) -> dict[str, Tensor]:
-    """The loss of stage 4 (paper 2.5): every FC head gives a student vector for the image and a teacher
-    vector for its caption (from the frozen text side, so detached); eq. (4) per head, all three parts
-    since the widths match, averaged over the heads.
+    """The loss of stage 4 (paper 2.5): every FC head h gives a student vector for each image and a teacher
+    vector for its caption (from the frozen text side, so detached); eq. (4) per head, all three parts since the
+    widths match, averaged over the heads:
+
+        L = 1/|heads| sum_h L_4(S_h(images), S_h(captions))
 
     image, caption: {width: (m, width) unit rows}, the same widths.
     Returns {"loss": mean over heads, "{width}_{part}": each unweighted part of each head}.
@@ -343,15 +273,22 @@ class JasperConfig:
     text_encoder: str | dict  # paper: dunzhang/stella_en_1.5B_v5 (a Qwen2, made bidirectional)
     vision_encoder: str | dict | None = None  # paper: google/siglip-so400m-patch14-384; None: text only
     head_dims: list[int] = field(default_factory=lambda: [12288])  # FC1 (teacher width), then MRL
-    image_tokens: int = 81  # a square: the pooler averages the patch grid down to 9 x 9
+    pooler: str = "average"  # POOLERS: how vision tokens become image tokens
+    image_tokens: int = 300  # the image's length in the language model (the release: 300)
+    vector_dropout: float = 0.0  # dropout on the mean-pooled vector before the heads, while training
 
     def __post_init__(self):
         if not self.head_dims or any(d <= 0 for d in self.head_dims):
             raise ValueError(f"head_dims must be positive widths, FC1 first; got {self.head_dims}")
         if len(set(self.head_dims)) != len(self.head_dims):
             raise ValueError(f"head_dims must be distinct (heads are named by width): {self.head_dims}")
-        if math.isqrt(self.image_tokens) ** 2 != self.image_tokens:
-            raise ValueError(f"image_tokens must be a square number (a k x k grid), got {self.image_tokens}")
+        if self.pooler not in POOLERS:
+            raise ValueError(f"pooler must be one of {POOLERS}, got {self.pooler!r}")
+        if self.image_tokens < 1 or (self.pooler == "mlp" and math.isqrt(self.image_tokens) ** 2 != self.image_tokens):
+            raise ValueError(f"image_tokens must be positive, and a square number (a k x k grid) for the mlp "
+                             f"pooler; got {self.image_tokens}")
+        if not 0 <= self.vector_dropout < 1:
+            raise ValueError(f"vector_dropout must be in [0, 1), got {self.vector_dropout}")
 
 
 # ----------------------------------------------------------------------------- modules
@@ -409,19 +346,28 @@ def encoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"no list of {model.config.num_hidden_layers} layers in {type(model).__name__}")
 
 
-class VisionPooler(nn.Module):
-    """Vision tokens -> fewer tokens at the language model's input width (paper 2.2, component 3).
+class AveragePooler(nn.Module):
+    """Vision tokens -> image tokens at the language model's input width, with no weights (paper 2.2, component 3;
+    the release's pooler): average pooling over the (tokens, width) matrix of each image, down (or up, by
+    repeating) to (image_tokens, text width). (B, P, D_vision) -> (B, image_tokens, D_text)."""
 
-    Averages the square patch grid down to a k x k grid (k*k = image_tokens), which keeps the
-    layout, then a two-layer MLP (as in LLaVA-1.5's projector) maps each token to the LM width.
-    (B, P, D_vision) with P a square -> (B, image_tokens, D_text).
-    """
+    def __init__(self, text_width: int, image_tokens: int):
+        super().__init__()
+        self.shape = (image_tokens, text_width)
+
+    def forward(self, vision_tokens: Tensor) -> Tensor:
+        return F.adaptive_avg_pool2d(vision_tokens.unsqueeze(1), self.shape).squeeze(1)  # one "channel" per image
+
+
+class GridMLPPooler(nn.Module):
+    """Vision tokens -> image tokens with weights: the square patch grid averaged down to a k x k grid
+    (k*k = image_tokens), which keeps the layout, then a two-layer MLP (LLaVA-1.5's projector) to the LM width.
+    (B, P, D_vision) with P a square -> (B, image_tokens, D_text)."""
 
     def __init__(self, vision_width: int, text_width: int, image_tokens: int):
         super().__init__()
         self.side = math.isqrt(image_tokens)
-        self.mlp = nn.Sequential(nn.Linear(vision_width, text_width), nn.GELU(),
-                                 nn.Linear(text_width, text_width))
+        self.mlp = nn.Sequential(nn.Linear(vision_width, text_width), nn.GELU(), nn.Linear(text_width, text_width))
 
     def forward(self, vision_tokens: Tensor) -> Tensor:
         grid = math.isqrt(vision_tokens.shape[1])
@@ -430,6 +376,15 @@ class VisionPooler(nn.Module):
         x = rearrange(vision_tokens, "b (h w) d -> b d h w", h=grid)
         x = F.adaptive_avg_pool2d(x, self.side)  # (B, D_vision, k, k)
         return self.mlp(rearrange(x, "b d h w -> b (h w) d"))
+
+
+POOLERS = ("average", "mlp")
+
+
+def make_pooler(kind: str, vision_width: int, text_width: int, image_tokens: int) -> nn.Module:
+    if kind == "average":
+        return AveragePooler(text_width, image_tokens)
+    return GridMLPPooler(vision_width, text_width, image_tokens)
 
 
 class Jasper(nn.Module):
@@ -444,7 +399,7 @@ class Jasper(nn.Module):
         self.heads = nn.ModuleDict({str(d): nn.Linear(width, d) for d in config.head_dims})
         self.vision = self.pooler = None
         if config.vision_encoder is not None:
-            self.add_vision(config.vision_encoder, config.image_tokens)
+            self.add_vision(config.vision_encoder, config.pooler, config.image_tokens)
 
     @property
     def fc1(self) -> nn.Linear:
@@ -458,11 +413,11 @@ class Jasper(nn.Module):
         for d in new_dims:
             self.heads[str(d)] = nn.Linear(width, d).to(self.fc1.weight.device, self.fc1.weight.dtype)
 
-    def add_vision(self, spec: str | dict, image_tokens: int) -> None:
+    def add_vision(self, spec: str | dict, pooler: str, image_tokens: int) -> None:
         """Stage 4: attach a vision encoder and a fresh pooler to a text-only model."""
-        self.config = replace(self.config, vision_encoder=spec, image_tokens=image_tokens)
+        self.config = replace(self.config, vision_encoder=spec, pooler=pooler, image_tokens=image_tokens)
         self.vision = load_vision_encoder(spec)
-        self.pooler = VisionPooler(self.vision.config.hidden_size, self.text.config.hidden_size, image_tokens)
+        self.pooler = make_pooler(pooler, self.vision.config.hidden_size, self.text.config.hidden_size, image_tokens)
         self.vision.to(self.fc1.weight.device)
         self.pooler.to(self.fc1.weight.device)
 
@@ -479,8 +434,8 @@ class Jasper(nn.Module):
         The image tokens alone form the LM's input sequence (no text around them)."""
         if self.vision is None:
             raise ValueError("this Jasper has no vision encoder (JasperConfig.vision_encoder is None)")
-        pixel_values = pixel_values.to(self.pooler.mlp[0].weight.dtype)  # bf16 under DeepSpeed on GPU
-        tokens = self.pooler(self.vision(pixel_values=pixel_values).last_hidden_state)  # (B, k*k, H)
+        pixel_values = pixel_values.to(self.vision.dtype)  # bf16 under DeepSpeed on GPU
+        tokens = self.pooler(self.vision(pixel_values=pixel_values).last_hidden_state)  # (B, image_tokens, H)
         mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
         hidden = self.text(inputs_embeds=tokens, attention_mask=mask).last_hidden_state
         return mean_pool(hidden, mask)
@@ -488,7 +443,9 @@ class Jasper(nn.Module):
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 pixel_values: Tensor | None = None, pooled: Tensor | None = None) -> dict[int, Tensor]:
         """Texts (input_ids + attention_mask), images (pixel_values) or their mean-pooled states (pooled,
-        (B, H), e.g. computed once while the encoder is frozen) -> {width: (B, width) unit rows}."""
+        (B, H), e.g. computed once while the encoder is frozen) -> {width: (B, width) unit rows}. While training,
+        config.vector_dropout zeroes that share of the pooled vector's features (scaling the rest up) before the
+        heads: the released config's vector_dropout_p."""
         if sum(x is not None for x in (input_ids, pixel_values, pooled)) != 1:
             raise ValueError("pass exactly one of input_ids (+ attention_mask), pixel_values or pooled")
         if input_ids is not None and attention_mask is None:
@@ -497,65 +454,19 @@ class Jasper(nn.Module):
             pooled = self.embed_text(input_ids, attention_mask)
         elif pixel_values is not None:
             pooled = self.embed_image(pixel_values)
+        pooled = F.dropout(pooled, self.config.vector_dropout, self.training)
         return {int(d): F.normalize(head(pooled.to(head.weight.dtype)).float(), dim=-1)
                 for d, head in self.heads.items()}
 
     def save_pretrained(self, path: str | Path, prompts: dict[str, str] | None = None) -> None:
-        """path/text (transformers folder), path/vision, path/jasper.safetensors (pooler + heads),
-        path/jasper_config.json; and the files that make the folder a sentence-transformers model of
-        the text side (see save_sentence_transformer_modules), with `prompts` (e.g. {"query": ...})."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.text.save_pretrained(path / "text")
-        if self.vision is not None:
-            self.vision.save_pretrained(path / "vision")
-        own = {k: v.detach().contiguous() for k, v in self.state_dict().items()
-               if not k.startswith(("text.", "vision."))}
-        save_file(own, path / "jasper.safetensors")
-        config = replace(self.config, text_encoder="text",
-                         vision_encoder=None if self.vision is None else "vision")
-        (path / "jasper_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-        self.save_sentence_transformer_modules(path, prompts or {})
-
-    def save_sentence_transformer_modules(self, path: Path, prompts: dict[str, str]) -> None:
-        """Make `path` loadable as `SentenceTransformer(path)`: text/ (the encoder; its tokenizer goes
-        there too) -> mean pooling -> FC1 as a Dense layer -> normalize, the pipeline of embed_text and
-        forward. Every head is saved as 2_Dense_{width}, the way the released Stella ships its widths;
-        another head replaces module 2: `st[2] = Dense.load(f"{path}/2_Dense_256")`."""
-        from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
-        saved = {"1_Pooling": Pooling(self.text.config.hidden_size, "mean"), "3_Normalize": Normalize()}
-        for width, head in self.heads.items():
-            saved[f"2_Dense_{width}"] = Dense(head.in_features, head.out_features, activation_function=nn.Identity())
-            saved[f"2_Dense_{width}"].linear.load_state_dict(head.state_dict())
-        for folder, module in saved.items():
-            (path / folder).mkdir(exist_ok=True)
-            module.save(str(path / folder))
-        modules = [(Transformer, "text"), (Pooling, "1_Pooling"), (Dense, f"2_Dense_{self.config.head_dims[0]}"),
-                   (Normalize, "3_Normalize")]
-        (path / "modules.json").write_text(json.dumps(
-            [{"idx": k, "name": str(k), "path": folder, "type": f"{module.__module__}.{module.__qualname__}"}
-             for k, (module, folder) in enumerate(modules)], indent=2) + "\n")
-        (path / "config_sentence_transformers.json").write_text(json.dumps(
-            {"model_type": "SentenceTransformer", "prompts": prompts, "default_prompt_name": None,
-             "similarity_fn_name": "cosine"}, indent=2) + "\n")
+        """A folder that from_pretrained loads exactly and sentence-transformers loads too (saving.py)."""
+        import saving
+        saving.save(self, path, prompts)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "Jasper":
-        """Load a folder written by save_pretrained, exactly."""
-        path = Path(path)
-        if not (path / "jasper_config.json").is_file():
-            raise FileNotFoundError(f"{path} has no jasper_config.json; is it a Jasper.save_pretrained folder?")
-        fields = json.loads((path / "jasper_config.json").read_text())
-        fields["text_encoder"] = str(path / fields["text_encoder"])
-        if fields["vision_encoder"] is not None:
-            fields["vision_encoder"] = str(path / fields["vision_encoder"])
-        model = cls(JasperConfig(**fields))
-        missing, unexpected = model.load_state_dict(load_file(path / "jasper.safetensors"), strict=False)
-        missing = [k for k in missing if not k.startswith(("text.", "vision."))]
-        if missing or unexpected:
-            raise ValueError(f"{path}/jasper.safetensors does not match jasper_config.json: "
-                             f"missing {missing}, unexpected {unexpected}")
-        return model
+        import saving
+        return saving.load(path)
 
 
 # ----------------------------------------------------------------------------- the stage plan
@@ -566,7 +477,7 @@ def set_trainable(model: Jasper, stage: int) -> dict[str, int]:
         1: FC1                                   (paper 2.3)
         2: FC1 + the last 3 encoder layers       (paper 2.3)
         3: the text encoder and every FC head    (paper 2.4: "all parameters of the student")
-        4: the vision encoder and the pooler     (paper 2.5: "training the visual encoder")
+        4: the vision encoder, and the pooler's weights if it has any (paper 2.5: "training the visual encoder")
 
     Returns {parameter name: number of elements} of what it made trainable.
     """
