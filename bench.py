@@ -1,17 +1,20 @@
-"""Benchmarks: the relative-similarity loss (dense vs counted), a stage-3 training step, the corpus in memory,
-and on a GPU the paper's shapes.
+"""Benchmarks: the relative-similarity loss (dense vs counted), train.py's training step against
+sentence-transformers', a stage-3 step's batching, a teacher in bf16 on the CPU, the corpus in memory, and on a GPU
+the paper's shapes.
 
-    python bench.py                   # the first three tables; a few minutes on a 2-core CPU
+    python bench.py                   # every table below but --gpu; about 10 minutes on a 2-core CPU
     python bench.py --resim           # L_resim forward+backward for m = 32 ... 2048
+    python bench.py --step            # train.py's step vs sentence-transformers' distillation step (the same texts)
     python bench.py --train           # the toy student's stage-3 step: padding, grouping, checkpointing
+    python bench.py --precision       # all-mpnet-base-v2 in bf16 vs float32 on this CPU: speed and cosine
     python bench.py --corpus          # one rank's memory for a 1M-text corpus: a list of strings vs Arrow
     python bench.py --gpu             # on a GPU: the paper's student step at 512 tokens and 128 texts (MFU,
                                       # memory, with and without checkpointing), L_resim at m = 4096, and
                                       # teacher encoding in bf16 at Stella's and NV-Embed-v2's shapes
 
-Each L_resim figure comes from a fresh process, so its peak memory is the computation's own:
-torch.cuda.max_memory_allocated on a GPU, the growth of the process's peak resident memory on a CPU.
-Ratios compare figures taken in the same run; absolute times on shared machines are noisy.
+Each figure comes from a fresh process, so its peak memory is the computation's own: torch.cuda.max_memory_allocated
+on a GPU, the growth of the process's peak resident memory on a CPU. Ratios compare figures taken in the same run;
+absolute times on shared machines are noisy.
 """
 
 import argparse
@@ -20,6 +23,7 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +122,8 @@ def train_once(student: str, max_length: int, batch: int, chunk: int, sort: bool
         from transformers import AutoTokenizer
         path = data.all_minilm_l6_v2()
         encoder, tokenizer = path, AutoTokenizer.from_pretrained(path)
-        texts = [data.QUERY_PROMPT + t if q else t for t, q in data.make_corpus(*data.toy_sources(0), 2000, 0)]
+        texts, kinds = zip(*data.make_corpus(*data.toy_sources(0), 2000, 0))
+        texts = data.with_prompts(texts, kinds, data.STELLA_PROMPTS)
         target_width, mrl = TEACHER_WIDTH, [256, 128, 64]
     else:  # the paper's student shape from its config; texts are random ids filling max_length
         encoder = dict(QWEN2_1_5B, **({"num_hidden_layers": layers} if layers else {}))
@@ -195,7 +200,140 @@ def train_table(args) -> str:
     return "\n".join(rows)
 
 
-# ----------------------------------------------------------------------------- teacher encoding
+# ----------------------------------------------------------------------------- train.py's step against sentence-transformers'
+
+STEP_KINDS = {
+    "train.py": "train.py's stage-3 step: fused AdamW, ZeRO-0 on one process",
+    "train.py before": "the same step as it was: torch's AdamW, ZeRO-2 on one process",
+    "sentence-transformers": "sentence-transformers' distillation: MSELoss to the target through a Dense layer",
+}
+
+
+def step_once(kind: str, batch: int, steps: int) -> dict:
+    """Median seconds of a training step of the toy student on toy texts (the toy corpus's first 2,000), every weight
+    training, in one process. train.py's kinds run its own pieces (TextStage.loss on a corpus file and a cache of
+    target vectors, engine.backward, engine.step); sentence-transformers' runs its trainer on the same texts, batch
+    and target width. The targets are random unit vectors: a step's cost does not depend on their values."""
+    import tempfile
+    import data
+    import presets
+    import teachers
+    import train
+    torch.manual_seed(0)
+    p = presets.load("toy")
+    rows = data.make_corpus(*data.toy_sources(0), 2000, 0)
+    rng = np.random.default_rng(0)
+    targets = F.normalize(torch.from_numpy(rng.standard_normal((len(rows), TEACHER_WIDTH))).float(), dim=-1)
+    times = []
+    if kind == "sentence-transformers":
+        import datasets
+        import transformers
+        from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+        from sentence_transformers import SentenceTransformerTrainingArguments
+        from sentence_transformers.sentence_transformer.losses import MSELoss
+        from sentence_transformers.sentence_transformer.modules import Dense
+
+        class StepTimer(transformers.TrainerCallback):
+            def on_step_begin(self, *args, **kwargs):
+                self.start = time.perf_counter()
+
+            def on_step_end(self, *args, **kwargs):
+                times.append(time.perf_counter() - self.start)
+        model = SentenceTransformer(data.all_minilm_l6_v2(), device="cpu")
+        model.max_seq_length = p.max_length
+        model.append(Dense(model.get_embedding_dimension(), TEACHER_WIDTH, activation_function=torch.nn.Identity()))
+        texts = data.with_prompts(*zip(*rows), p.prompts)
+        dataset = datasets.Dataset.from_dict({"text": texts, "label": targets.tolist()})
+        with tempfile.TemporaryDirectory() as out:
+            args = SentenceTransformerTrainingArguments(
+                output_dir=out, per_device_train_batch_size=batch, max_steps=steps + 3, learning_rate=p.stages[3].lr,
+                warmup_ratio=p.warmup_share, save_strategy="no", report_to="none", use_cpu=True, logging_steps=10 ** 6,
+                dataloader_drop_last=True, disable_tqdm=True)
+            SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=MSELoss(model),
+                                       callbacks=[StepTimer()]).train()
+    else:
+        from transformers import AutoTokenizer
+        import deepspeed
+        with tempfile.TemporaryDirectory() as out:
+            out = Path(out)
+            data.save_corpus(rows, out / "corpus.arrow")
+            corpus = data.Corpus(out / "corpus.arrow")
+            record = {"name": "target", "model": "random", "identity": "random", "dim": TEACHER_WIDTH, "prompts": {},
+                      "append_eos": False}
+            cache = teachers.TeacherCache.create(out / "teachers", corpus.hashes, [record], chunk_rows=len(rows))
+            cache.fill(corpus, {"target": lambda texts, kinds: targets.numpy()})
+            rank, world = train.setup_distributed()
+            model = jasper.Jasper(jasper.JasperConfig(text_encoder=p.student, head_dims=[TEACHER_WIDTH, *p.mrl_dims]))
+            tokenizer = AutoTokenizer.from_pretrained(p.student)
+            tokenizer.padding_side = "right"
+            train.prepare_for_stage(model, 3, p, torch.device("cpu"))
+            plan = replace(p.stages[3], batch_size=batch, steps=steps + 3)
+            if kind == "train.py":
+                engine, _ = train.deepspeed_engine(model, plan, p, world, torch.device("cpu"))
+            else:
+                optimizer = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=plan.lr)
+                engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config={
+                    "train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+                    "zero_optimization": {"stage": 2}, "steps_per_print": 10 ** 9})
+            task = train.TextStage(corpus, cache, tokenizer, p, torch.device("cpu"), "target", reuse_pooled=False)
+            for step in range(steps + 3):
+                start = time.perf_counter()
+                parts, _ = task.loss(engine, train.batch_indices(step, batch, len(rows), 0), rank, world)
+                engine.backward(parts["loss"])
+                engine.step()
+                times.append(time.perf_counter() - start)
+    return {"kind": kind, "seconds_per_step": float(np.median(times[3:]))}
+
+
+def step_table(batch: int, steps: int) -> str:
+    results = {}
+    for kind in STEP_KINDS:
+        spec = json.dumps(dict(kind=kind, batch=batch, steps=steps))
+        run = subprocess.run([sys.executable, __file__, "--one-step", spec], capture_output=True, text=True, check=True)
+        results[kind] = json.loads(run.stdout.strip().splitlines()[-1])["seconds_per_step"]
+        print(f"  {kind}: {results[kind]:.2f} s/step", file=sys.stderr)
+    rows = [f"A training step of the toy student (all weights) on {batch} toy texts, one process on {device()}, the "
+            f"median of {steps} steps; ratio = s/step over sentence-transformers' s/step:", "",
+            "| step | s/step | ratio |", "|---|---|---|"]
+    rows += [f"| {STEP_KINDS[k]} | {seconds:.2f} | {seconds / results['sentence-transformers']:.2f} |"
+             for k, seconds in results.items()]
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------- teacher encoding in bf16 on a CPU
+
+def teacher_precision_once(texts: int) -> dict:
+    """all-mpnet-base-v2 (the toy's costlier teacher) on toy corpus texts in float32 and in bf16 on this CPU: the
+    texts per second of each and the cosine between their vectors (what the cache would store)."""
+    import data
+    from sentence_transformers import SentenceTransformer
+    corpus_texts = [t for t, _ in data.make_corpus(*data.toy_sources(0), texts, 0)]
+    result = {}
+    for name, dtype in (("float32", torch.float32), ("bf16", torch.bfloat16)):
+        model = SentenceTransformer(data.all_mpnet_base_v2(), device="cpu", model_kwargs={"torch_dtype": dtype})
+        model.max_seq_length = 128
+        model.encode(corpus_texts[:16], batch_size=16)
+        start = time.perf_counter()
+        vectors = model.encode(corpus_texts, batch_size=16, convert_to_tensor=True).float()
+        result[name] = (vectors, len(corpus_texts) / (time.perf_counter() - start))
+    cosines = F.cosine_similarity(result["float32"][0], result["bf16"][0])
+    return {"float32_per_second": result["float32"][1], "bf16_per_second": result["bf16"][1],
+            "min_cosine": float(cosines.min()), "mean_cosine": float(cosines.mean())}
+
+
+def teacher_precision_table(texts: int) -> str:
+    run = subprocess.run([sys.executable, __file__, "--one-precision", str(texts)], capture_output=True, text=True,
+                         check=True)
+    r = json.loads(run.stdout.strip().splitlines()[-1])
+    return "\n".join([
+        f"all-mpnet-base-v2 encoding {texts} toy texts on {device()} in batches of 16:", "",
+        "| precision | texts/s | speed vs float32 | cosine to float32 (min / mean) |", "|---|---|---|---|",
+        f"| float32 | {r['float32_per_second']:.1f} | 1.00x | 1 |",
+        f"| bf16 | {r['bf16_per_second']:.1f} | {r['bf16_per_second'] / r['float32_per_second']:.2f}x | "
+        f"{r['min_cosine']:.5f} / {r['mean_cosine']:.5f} |"])
+
+
+# ----------------------------------------------------------------------------- teacher encoding at the paper's shapes
 
 def teacher_once(shape: str, batch: int, length: int, steps: int, layers: int | None) -> dict:
     """A teacher's forward pass (no gradient) at its base model's shape, bf16 on a GPU, full-length inputs:
@@ -254,14 +392,14 @@ def synthetic_corpus(folder: Path, n: int) -> tuple[Path, Path]:
 
     def rows():
         for length in rng.integers(50, 1000, size=n):
-            yield " ".join(words[rng.integers(0, len(words), size=length)]), bool(rng.random() < 0.2)
+            yield " ".join(words[rng.integers(0, len(words), size=length)]), "query" if rng.random() < 0.2 else "passage"
     arrow, jsonl = folder / "corpus.arrow", folder / "texts.jsonl"
     if not arrow.is_file():
         data.save_corpus(rows(), arrow)
         with jsonl.open("w") as f:
-            table = data.Corpus(arrow).table
-            for text, query in zip(table.column("text").to_pylist(), table.column("query").to_pylist()):
-                f.write(json.dumps(data.QUERY_PROMPT + text if query else text) + "\n")
+            corpus = data.Corpus(arrow)
+            for text in corpus.prompted(np.arange(len(corpus)), data.STELLA_PROMPTS):
+                f.write(json.dumps(text) + "\n")
     return jsonl, arrow
 
 
@@ -304,7 +442,9 @@ def corpus_table(n: int, folder: Path) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--resim", action="store_true", help="only the L_resim table")
-    ap.add_argument("--train", action="store_true", help="only the training-step table")
+    ap.add_argument("--train", action="store_true", help="only the training-step table (padding, checkpointing)")
+    ap.add_argument("--step", action="store_true", help="only train.py's step against sentence-transformers'")
+    ap.add_argument("--precision", action="store_true", help="only the teacher in bf16 against float32 on this CPU")
     ap.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128, 256, 512, 1024, 2048])
     ap.add_argument("--dense-max-m", type=int, default=128, help="largest m for the dense L_resim (m=256 needs ~14 GB)")
     ap.add_argument("--repeats", type=int, default=3)
@@ -322,6 +462,8 @@ def main():
     ap.add_argument("--gpu", action="store_true", help="the paper-scale figures (README); meant for a GPU")
     ap.add_argument("--one-teacher", metavar="JSON", help=argparse.SUPPRESS)
     ap.add_argument("--one-train", metavar="JSON", help=argparse.SUPPRESS)
+    ap.add_argument("--one-step", metavar="JSON", help=argparse.SUPPRESS)
+    ap.add_argument("--one-precision", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one_resim:
         print(json.dumps(resim_once(args.one_resim[0], int(args.one_resim[1]), args.repeats)))
@@ -331,6 +473,10 @@ def main():
         print(json.dumps(corpus_once(*args.one_corpus)))
     elif args.one_teacher:
         print(json.dumps(teacher_once(**json.loads(args.one_teacher))))
+    elif args.one_step:
+        print(json.dumps(step_once(**json.loads(args.one_step))))
+    elif args.one_precision:
+        print(json.dumps(teacher_precision_once(args.one_precision)))
     elif args.gpu:  # one short script of every GPU figure the README asks for; --layers shrinks it for a check
         name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (a check of the script only)"
         print(f"device: {name}\n")
@@ -339,11 +485,15 @@ def main():
         print(resim_table([1024, 4096], dense_max_m=0, repeats=args.repeats) + "\n")
         print(teacher_table(32, 512, args.steps, args.layers))
     else:
-        every = not (args.resim or args.train or args.corpus)
+        every = not (args.resim or args.train or args.step or args.precision or args.corpus)
         if args.resim or every:
             print(resim_table(args.sizes, args.dense_max_m, args.repeats) + "\n")
+        if args.step or every:
+            print(step_table(args.batch, steps=12) + "\n")
         if args.train or every:
             print(train_table(args) + "\n")
+        if args.precision or every:
+            print(teacher_precision_table(320) + "\n")
         if args.corpus or every:
             print(corpus_table(args.corpus_texts, args.corpus_dir))
 

@@ -9,16 +9,16 @@ source it reads from the hub, in the same formats, so the same loaders and the s
                            2_Dense_16 module, with 2_Dense_32 and 2_Dense_64 beside it (Stella: 1024 ... 8192)
     DIR/models/nv_embed    a Mistral (NV-Embed-v2's base) scaled down, mean pooling that leaves the prompt out,
                            a 32-d Dense module and Normalize (NV-Embed-v2: 4096-d)
-    DIR/sources/fineweb/*.jsonl, DIR/sources/embedding-training-data/*.jsonl.gz   real English text (the toy
-                           sources) in fineweb-edu's and embedding-training-data's formats
+    DIR/sources/jasper/data/*.parquet   real English text (the toy recipe) in the format of the authors' released
+                           distillation texts (infgrad/jasper_text_distill_dataset: parquet, a "text" column)
     DIR/sources/infinity-mm/*.tar   drawn image-caption pairs in Infinity-MM's webdataset layout
     DIR/preset.json        {"base": "paper", ...}: the paper preset pointed at these, sizes scaled down
 
-The target is 32 + 64 = 96 wide (paper: 4096 + 8192 = 12288), the max length 512 as in the paper.
+The target is 32 + 64 = 96 wide (paper: 4096 + 8192 = 12288), the max length 512 as in the paper; stage 4 pools
+the 6 x 6 = 36 patch tokens to 20 image tokens without weights, as the release pools 729 to 300.
 """
 
 import argparse
-import gzip
 import io
 import json
 import tarfile
@@ -138,18 +138,14 @@ def webdataset_tar(path: Path, pairs) -> Path:
     return path
 
 
-def write_sources(folder: Path, n_documents: int, n_queries: int, n_pairs: int, image_size: int) -> None:
-    """Real text in the paper's source formats, and drawn image-caption pairs in Infinity-MM's."""
-    documents, queries = data.toy_sources(seed=0)
-    (folder / "fineweb").mkdir(parents=True, exist_ok=True)
-    (folder / "fineweb" / "000_00000.jsonl").write_text("".join(
-        json.dumps({"text": text, "id": f"<urn:uuid:{k}>", "score": 3.0}) + "\n" for k, text in enumerate(documents[:n_documents])))
-    (folder / "embedding-training-data").mkdir(parents=True, exist_ok=True)
-    half = n_queries // 2  # two of its row formats: [query, answer] pairs and {"set": [...]} duplicates
-    with gzip.open(folder / "embedding-training-data" / "gooaq_pairs.jsonl.gz", "wt") as f:
-        f.writelines(json.dumps([q, "an answer"]) + "\n" for q in queries[:half])
-    with gzip.open(folder / "embedding-training-data" / "quora_duplicates.jsonl.gz", "wt") as f:
-        f.writelines(json.dumps({"set": [q, q.lower()]}) + "\n" for q in queries[half:n_queries])
+def write_sources(folder: Path, n_texts: int, n_pairs: int, image_size: int) -> None:
+    """Real text in the format of the authors' released texts, and drawn image-caption pairs in Infinity-MM's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    texts = [text for text, _ in data.make_corpus(*data.toy_sources(seed=0), n_texts, seed=0)]
+    (folder / "jasper" / "data").mkdir(parents=True, exist_ok=True)
+    for part, rows in enumerate((texts[:n_texts // 2], texts[n_texts // 2:])):
+        pq.write_table(pa.table({"text": rows}), folder / "jasper" / "data" / f"train-{part:05d}-of-00002.parquet")
     (folder / "infinity-mm").mkdir(parents=True, exist_ok=True)
     scenes = data.ShapeScenes(n_pairs, seed=0, size=image_size)
     webdataset_tar(folder / "infinity-mm" / "00000.tar", (scenes[i] for i in range(n_pairs)))
@@ -161,16 +157,16 @@ def make(out: Path) -> Path:
     stella, nv_embed = stella_like(models / "stella"), nv_embed_like(models / "nv_embed")
     vision = dict(model_type="siglip_vision_model", image_size=48, patch_size=8, hidden_size=32,
                   intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)  # a 6 x 6 patch grid
-    write_sources(sources, n_documents=400, n_queries=200, n_pairs=120, image_size=vision["image_size"])
+    write_sources(sources, n_texts=240, n_pairs=120, image_size=vision["image_size"])
     preset = {"base": "paper", "student": str(stella),
               "teachers": [{"name": "nv_embed_v2", "model": str(nv_embed), "dim": NV_EMBED_WIDTH,
-                            "query_prompt": data.QUERY_PROMPT, "append_eos": True},
+                            "prompts": data.STELLA_PROMPTS, "append_eos": True},
                            {"name": "stella", "model": str(stella), "dim": max(STELLA_WIDTHS),
-                            "query_prompt": data.QUERY_PROMPT}],
-              "corpus": f"paper:{sources}", "n_texts": 240, "heldout": 48, "mrl_dims": [48, 24, 12],
+                            "prompts": data.STELLA_PROMPTS}],
+              "corpus": f"jasper:{sources / 'jasper'}", "n_texts": 240, "heldout": 48, "mrl_dims": [48, 24, 12],
               "stages": {str(s): {"batch_size": 16, "steps": 4} for s in (1, 2, 3, 4)},
               "checkpoint_every": 2, "log_every": 1, "forward_chunk": 4, "teacher_batch": 16, "chunk_rows": 64,
-              "vision_encoder": vision, "image_tokens": 9, "captions": str(sources / "infinity-mm"),
+              "vision_encoder": vision, "image_tokens": 20, "captions": str(sources / "infinity-mm"),
               "n_pairs": 120, "heldout_pairs": 40}
     path = out / "preset.json"
     path.write_text(json.dumps(preset, indent=2) + "\n")

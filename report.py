@@ -133,12 +133,99 @@ def plot(out: Path) -> Path:
     return path
 
 
+# ----------------------------------------------------------------------------- what trains
+
+def part_of(name: str, model: jasper.Jasper) -> str:
+    """The part of the student a parameter belongs to, in the stage plan's terms."""
+    if name.startswith("heads."):
+        return "FC1" if name.startswith(f"heads.{model.config.head_dims[0]}.") else "FC2-FC4"
+    if name.startswith(("vision.", "pooler.")):
+        return "vision encoder" if name.startswith("vision.") else "pooler"
+    layers = len(jasper.encoder_layers(model.text))
+    layer = next((int(p) for p in name.split(".")[1:] if p.isdigit()), None)
+    if layer is None:
+        return "embeddings" if "embed" in name else "final norm"
+    return "last 3 layers" if layer >= layers - 3 else "first layers"
+
+
+def part_sizes(model: jasper.Jasper) -> dict[str, int]:
+    """{part: number of parameters} of the student, in the order of its parameters."""
+    sizes = {}
+    for name, w in model.named_parameters():
+        sizes[part_of(name, model)] = sizes.get(part_of(name, model), 0) + w.numel()
+    return sizes
+
+
+def trainable_table(model: jasper.Jasper) -> str:
+    """A markdown table: each part's size and the stages in which it trains (jasper.set_trainable), and the
+    trainable total per stage. Leaves the model as stage 4 sets it."""
+    sizes = part_sizes(model)
+    trains = {stage: {part_of(n, model) for n in jasper.set_trainable(model, stage)} for stage in (1, 2, 3, 4)}
+    rows = ["| part | parameters | stage 1 | stage 2 | stage 3 | stage 4 |", "|---|---:|:-:|:-:|:-:|:-:|"]
+    rows += [f"| {part} | {count:,} | " + " | ".join("trains" if part in trains[s] else "" for s in trains) + " |"
+             for part, count in sizes.items()]
+    rows.append("| **trainable** | | " + " | ".join(f"{sum(sizes[p] for p in trains[s]):,}" for s in trains) + " |")
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------- the method in one figure
+
+STAGE_PARTS = ("vision encoder", "pooler", "LM: first layers", "LM: last 3 layers", "mean pool", "FC1", "FC2-FC4 (MRL)")
+STAGES = {  # part -> "trains" | "frozen" | "no weights" | None (not there yet), the loss, the data (paper 2.3-2.5)
+    1: ({"LM: first layers": "frozen", "LM: last 3 layers": "frozen", "mean pool": "no weights", "FC1": "trains"},
+        "FC1 vs target:\n10 Lcos + 200 Lsim + 20 Lresim", "texts: passages and\nqueries (8M)"),
+    2: ({"LM: first layers": "frozen", "LM: last 3 layers": "trains", "mean pool": "no weights", "FC1": "trains"},
+        "FC1 vs target:\n10 Lcos + 200 Lsim + 20 Lresim", "the same texts"),
+    3: ({"LM: first layers": "trains", "LM: last 3 layers": "trains", "mean pool": "no weights", "FC1": "trains",
+         "FC2-FC4 (MRL)": "trains"}, "FC1: eq. (4);\nFC2-FC4: 200 Lsim + 20 Lresim", "the same texts"),
+    4: ({"vision encoder": "trains", "pooler": "no weights", "LM: first layers": "frozen", "LM: last 3 layers": "frozen",
+         "mean pool": "no weights", "FC1": "frozen", "FC2-FC4 (MRL)": "frozen"},
+        "every head: image vs caption,\neq. (4), mean over heads", "image-caption pairs"),
+}
+
+
+def stages_figure(path: Path) -> Path:
+    """The four stages side by side: which parts of the student exist (dotted: not yet), which train (orange) and
+    which are frozen (grey), bottom to top in the order a text or an image flows, with each stage's loss and data
+    below. The target is the teachers' normalized concatenation; in stage 4 the caption's vector from the same head."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyBboxPatch
+    colours = {"trains": "#f5a25d", "frozen": "#d9d9d9", "no weights": "white"}
+    fig, axes = plt.subplots(1, 4, figsize=(12, 4.6))
+    for ax, (n, (parts, loss, texts)) in zip(axes, STAGES.items()):
+        ax.set(xlim=(0, 1), ylim=(-2.6, len(STAGE_PARTS)), xticks=[], yticks=[])
+        ax.axis("off")
+        ax.set_title(f"stage {n}", fontsize=12, fontweight="bold")
+        for row, part in enumerate(STAGE_PARTS):
+            state = parts.get(part)
+            ax.add_patch(FancyBboxPatch((0.08, row + 0.12), 0.84, 0.72, boxstyle="round,pad=0.02",
+                                        facecolor=colours.get(state, "white"), edgecolor="black" if state else "#bbbbbb",
+                                        linestyle="-" if state else ":"))
+            label = f"{part} (no weights)" if state == "no weights" else part
+            ax.text(0.5, row + 0.48, label, ha="center", va="center", fontsize=8.5,
+                    color="black" if state else "#aaaaaa")
+        ax.text(0.5, -0.55, loss, ha="center", va="center", fontsize=8.5)
+        ax.text(0.5, -1.75, texts, ha="center", va="center", fontsize=8.5, style="italic")
+    handles = [plt.Rectangle((0, 0), 1, 1, facecolor=c, edgecolor="black") for c in colours.values()]
+    fig.legend(handles[:2], ["trains", "frozen"], loc="upper right", fontsize=9, frameon=False)
+    fig.suptitle("Jasper's four stages: what trains, the loss, the data", fontsize=12, x=0.4)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", nargs="?", type=Path, default=Path("runs/toy"))
     ap.add_argument("--compare", nargs="+", type=Path, help="stage-3 runs to put side by side")
+    ap.add_argument("--stages-figure", type=Path, metavar="PNG", help="draw the four stages (docs/stages.png)")
     args = ap.parse_args()
-    if args.compare:
+    if args.stages_figure:
+        print(stages_figure(args.stages_figure))
+    elif args.compare:
         print(compare(args.compare))
     else:
         print(table(args.run))

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Self-distillation (paper 2.4), measured: stage 3 three times from the same stage 2 (of runs/toy, or $1),
-# same seed and steps, the short MRL heads taught by the teachers' target, by FC1's own vectors, or by both;
-# then their held-out scores side by side.
+# Self-distillation (paper 2.4), measured: the short MRL heads of stage 3 taught by the teachers' target (the run's
+# own stage 3, the paper's), by FC1's own vectors, or by both; the last two trained from the same stage 2 (of
+# runs/toy, or $1) with the same seed and steps. Then their held-out scores side by side.
 set -euo pipefail
 cd "$(dirname "$0")"
 base=$(realpath "${1:-runs/toy}")
-for teacher in target fc1 both; do
+mkdir -p runs/self-distill
+ln -sfn "$base" runs/self-distill/target
+for teacher in fc1 both; do
   out=runs/self-distill/$teacher
   mkdir -p "$out"
   for part in data teachers stage1 stage2; do ln -sfn "$base/$part" "$out/$part"; done

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The toy preset end to end, offline: stages 1-4 into runs/toy (or $1), the held-out report, then the
-# STS Benchmark and instruction-robustness tables.
+# evaluation (STS Benchmark, Lee documents, retrieval; instruction robustness) into runs/toy/scores.json and .png.
 set -euo pipefail
 cd "$(dirname "$0")"
 out=${1:-runs/toy}

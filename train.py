@@ -11,18 +11,20 @@ held-out distillation loss before and after). The corpus (OUT/data) and the teac
 then only reads them. A killed run started again with the same command resumes from its last checkpoint
 (OUT/stageN/checkpoints) and ends where an uninterrupted run ends.
 
-The losses see the global batch: every rank gathers the student vectors of all ranks, keeping the
-gradient of its own shard, so K processes with batch b each train exactly like one with batch K*b.
+What the losses compare is the preset's loss_batch (--loss-batch): "global", every rank gathers the student
+vectors of all ranks, keeping the gradient of its own shard, so K processes with batch b each train exactly
+like one with batch K*b (the toy); or "rank", each rank's loss over its own texts, averaged over the ranks, as
+the official training code computes it (the paper preset).
 """
 
 import argparse
+import contextlib
 import csv
 import json
 import math
 import os
 import shutil
 import socket
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, replace
@@ -39,6 +41,7 @@ import data
 import jasper
 import presets
 import teachers
+from data import InputError
 from presets import Preset, StagePlan
 
 EVAL_BATCH = 32  # held-out losses use one batch size in every stage, so they compare
@@ -81,8 +84,8 @@ def prepare_data(out: Path, p: Preset, seed: int, rank: int, world: int, device)
     try:
         return teachers.prepare(out, p, seed, rank, world, str(device))
     except ImportError as error:  # e.g. NV-Embed-v2's code under this environment's transformers
-        raise SystemExit(f"train.py: a teacher does not load in this environment ({error}); encode the teachers "
-                         f"first with teachers.py in their own environment (README, \"Teachers\")") from error
+        raise InputError(f"a teacher does not load in this environment ({error}); encode the teachers first with "
+                         f"teachers.py in their own environment (README, \"Paper scale\")") from error
 
 
 def batch_indices(step: int, batch_size: int, n_train: int, seed: int) -> np.ndarray:
@@ -134,13 +137,22 @@ def tokenize(tokenizer, texts: list[str], max_length: int, device) -> dict[str, 
 
 # ----------------------------------------------------------------------------- held-out scores
 
-def embed_in_batches(model: jasper.Jasper, batches: Iterable[dict[str, torch.Tensor]]) -> dict[int, torch.Tensor]:
-    """{width: (all rows, width)} for several model inputs, without gradients, in eval mode."""
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module):
+    """No gradients and eval mode (no dropout) inside; the model's mode as it was afterwards."""
     was_training = model.training
     model.eval()
-    with torch.no_grad():
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def embed_in_batches(model: jasper.Jasper, batches: Iterable[dict[str, torch.Tensor]]) -> dict[int, torch.Tensor]:
+    """{width: (all rows, width)} for several model inputs, without gradients, in eval mode."""
+    with evaluating(model):
         vectors, _, _ = forward_in_chunks(model, batches)
-    model.train(was_training)
     return vectors
 
 
@@ -220,7 +232,8 @@ class TextStage:
                  short_teacher: str, reuse_pooled: bool):
         self.corpus, self.cache, self.tokenizer, self.p, self.device = corpus, cache, tokenizer, p, device
         self.short_teacher = short_teacher
-        self.lengths = corpus.lengths + corpus.is_query * len(p.query_prompt)  # characters the student reads
+        prompt_lengths = np.array([len(p.prompts.get(kind, "")) for kind in data.KINDS])
+        self.lengths = corpus.lengths + prompt_lengths[corpus.kinds]  # characters the student reads
         self.n_examples, self.n_heldout = len(corpus), p.heldout
         self.pooled = {} if reuse_pooled else None  # text index -> (H,) pooled state
         if reuse_pooled:
@@ -235,23 +248,26 @@ class TextStage:
         tokens = 0
         for block in dict.fromkeys(self.block_of[i] for i in indices.tolist() if i not in self.pooled):
             with torch.no_grad():  # the encoder is frozen: no gradient reaches it either way
-                batch = tokenize(self.tokenizer, self.corpus.prompted(self.blocks[block], self.p.query_prompt),
+                batch = tokenize(self.tokenizer, self.corpus.prompted(self.blocks[block], self.p.prompts),
                                  self.p.max_length, self.device)
                 self.pooled.update(zip(self.blocks[block].tolist(), getattr(model, "module", model).embed_text(**batch)))
             tokens += int(batch["attention_mask"].sum())
         return model(pooled=torch.stack([self.pooled[i] for i in indices.tolist()])), tokens
 
     def chunks(self, indices: np.ndarray) -> Iterator[dict[str, torch.Tensor]]:
-        return text_chunks(self.tokenizer, self.corpus.prompted(indices, self.p.query_prompt), self.p.forward_chunk,
+        return text_chunks(self.tokenizer, self.corpus.prompted(indices, self.p.prompts), self.p.forward_chunk,
                            self.p.max_length, self.device)
 
     def loss(self, engine, idx: np.ndarray, rank: int, world: int) -> tuple[dict[str, torch.Tensor], int]:
-        """The loss parts of the global batch `idx` (this rank computes its share), and the real tokens."""
+        """The loss parts of the global batch `idx` on this rank (over the global batch or this rank's share, as
+        the preset's loss_batch says), and the real tokens this rank's encoder ran on."""
         slices = rank_slices(idx, self.lengths, world)
         vectors, tokens = self.student(engine, slices[rank])
-        student = {d: gather_with_grad(v) for d, v in vectors.items()}  # rows in the order of np.concatenate(slices)
-        target = self.target(np.concatenate(slices))
-        return jasper.text_distill_loss(student, target, self.short_teacher), tokens
+        if self.p.loss_batch == "global":  # rows in the order of np.concatenate(slices)
+            vectors, rows = {d: gather_with_grad(v) for d, v in vectors.items()}, np.concatenate(slices)
+        else:
+            rows = slices[rank]
+        return jasper.text_distill_loss(vectors, self.target(rows), self.short_teacher), tokens
 
     def target(self, indices: np.ndarray) -> torch.Tensor:
         """(len(indices), sum of the teachers' widths): the teachers' target for these texts."""
@@ -261,11 +277,8 @@ class TextStage:
         """Every loss part of every head against the teachers' target, and per head "{width}_spearman": how
         well the head orders all held-out text pairs by similarity as the teachers do (Spearman over the
         C(n,2) cosines)."""
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model):
             student, _ = self.student(model, indices)
-        model.train(was_training)
         target = self.target(indices)
         scores = mean_over_batches(jasper.text_distill_loss, student, target, len(indices))
         i, j = torch.triu_indices(len(indices), len(indices), offset=1)
@@ -284,28 +297,27 @@ class ImageStage:
         self.n_examples, self.n_heldout = len(pairs), p.heldout_pairs
 
     def embed(self, model, indices: np.ndarray, chunk: int) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-        """The images' vectors (with gradients if the model trains) and their captions' (never)."""
+        """The images' vectors (with gradients if the model trains) and their captions' (the teachers: never, and
+        in eval mode, so vector dropout leaves them alone)."""
         images, captions = zip(*(self.pairs[int(i)] for i in indices))
         image, _, _ = forward_in_chunks(model, image_batches(self.processor, list(images), chunk, self.device))
-        with torch.no_grad():
+        with evaluating(getattr(model, "module", model)):
             caption, _, _ = forward_in_chunks(model, text_chunks(self.tokenizer, list(captions), chunk,
                                                                  self.p.max_length, self.device))
         return image, caption
 
     def loss(self, engine, idx: np.ndarray, rank: int, world: int) -> tuple[dict[str, torch.Tensor], int]:
         image, caption = self.embed(engine, idx[rank::world], self.p.forward_chunk)
-        return jasper.image_distill_loss({d: gather_with_grad(v) for d, v in image.items()},
-                                         {d: gather_with_grad(v) for d, v in caption.items()}), 0
+        if self.p.loss_batch == "global":
+            image, caption = ({d: gather_with_grad(v) for d, v in vectors.items()} for vectors in (image, caption))
+        return jasper.image_distill_loss(image, caption), 0
 
     def heldout_scores(self, model: jasper.Jasper, indices: np.ndarray) -> dict[str, float]:
         """The loss parts of every head, and per head recall@1 of image -> caption ("{width}_i2c") and
         caption -> image ("{width}_c2i") among all held-out pairs; a hit is a retrieved item whose caption is
         the query's caption, so repeated captions count alike; "chance" is the hit rate of a random pick."""
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model):
             image, caption = self.embed(model, indices, EVAL_BATCH)
-        model.train(was_training)
         scores = mean_over_batches(jasper.image_distill_loss, image, caption, len(indices))
         captions = [self.pairs[int(i)][1] for i in indices]
         for width in image:
@@ -352,14 +364,16 @@ def load_student(out: Path, stage: int, p: Preset, target_dim: int | None = None
     if stage == 3:
         model.add_heads(p.mrl_dims)
     if stage == 4:
-        model.add_vision(p.vision_encoder, p.image_tokens)
+        model.add_vision(p.vision_encoder, p.pooler, p.image_tokens)
+    model.config = replace(model.config, vector_dropout=p.vector_dropout)
     tokenizer.padding_side = "right"
     return model, tokenizer
 
 
 def prepare_for_stage(model: jasper.Jasper, stage: int, p: Preset, device) -> dict[str, int]:
-    """Freeze all but what the stage trains; no dropout, as in the paper's Qwen2 student (its dropout rates
-    are 0), which also makes K ranks train exactly like one. Returns {trainable parameter: size}."""
+    """Freeze all but what the stage trains; no dropout inside the encoders, as in the paper's Qwen2 student (its
+    dropout rates are 0), which also makes K ranks train exactly like one (the preset's vector dropout stays).
+    Returns {trainable parameter: size}."""
     trainable = jasper.set_trainable(model, stage)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
@@ -370,14 +384,27 @@ def prepare_for_stage(model: jasper.Jasper, stage: int, p: Preset, device) -> di
     return trainable
 
 
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's parameter groups as the official training code has them: weight decay on the trainable weights,
+    none on biases and normalization weights (LayerNorm, RMSNorm)."""
+    norms = {id(w) for m in model.modules() if "Norm" in type(m).__name__ for w in m.parameters(recurse=False)}
+    groups = {weight_decay: [], 0.0: []}
+    for name, w in model.named_parameters():
+        if w.requires_grad:
+            groups[0.0 if name.endswith("bias") or id(w) in norms else weight_decay].append(w)
+    return [{"params": ws, "weight_decay": decay} for decay, ws in groups.items() if ws]
+
+
 def deepspeed_engine(model: jasper.Jasper, plan: StagePlan, p: Preset, world: int, device):
-    """AdamW on the trainable weights, warmup then cosine, ZeRO-2, gradient clipping, bf16 on GPU."""
-    optimizer = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=plan.lr)
+    """AdamW (fused: one kernel over all weights), warmup then cosine, gradient clipping, bf16 on GPU; ZeRO-2 over
+    more than one rank, as in the paper; one process has nothing to partition, and ZeRO-2 there only adds copies
+    (bench.py: its step is 1.19x slower)."""
+    optimizer = torch.optim.AdamW(parameter_groups(model, p.weight_decay), lr=plan.lr, fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_then_cosine(s, plan.steps, p.warmup_share))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config={
         "train_micro_batch_size_per_gpu": plan.batch_size // world,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 2},
+        "zero_optimization": {"stage": 2 if world > 1 else 0},
         "bf16": {"enabled": device.type == "cuda"},
         "gradient_clipping": 1.0,
         "steps_per_print": 10 ** 9,
@@ -425,6 +452,10 @@ def parse_args(argv=None):
     ap.add_argument("--forward-chunk", type=int, help="texts per forward pass on each rank")
     ap.add_argument("--gradient-checkpointing", action="store_true", default=None,
                     help="recompute the encoder's activations in backward (less memory, ~1/3 more compute)")
+    ap.add_argument("--loss-batch", choices=["global", "rank"],
+                    help="what L_sim and L_resim compare: the global batch (gathered over the ranks) or each rank's "
+                         "own texts (the official code's way); default: the preset's")
+    ap.add_argument("--vector-dropout", type=float, help="dropout on the pooled vector while training (preset's)")
     ap.add_argument("--short-teacher", choices=["target", "fc1", "both"],
                     help="stage 3: what teaches the short MRL heads: the teachers' target (paper 2.4, the default), "
                          "FC1's own vectors (self-distillation, paper 2.4's proposal) or both (mean of the two losses)")
@@ -436,7 +467,8 @@ def settings(args) -> tuple[Preset, StagePlan]:
     """The preset with the command line's overrides, and this stage's plan."""
     p = presets.from_arguments(args)
     p = replace(p, **{k: v for k, v in dict(checkpoint_every=args.checkpoint_every, forward_chunk=args.forward_chunk,
-                                            gradient_checkpointing=args.gradient_checkpointing).items()
+                                            gradient_checkpointing=args.gradient_checkpointing,
+                                            loss_batch=args.loss_batch, vector_dropout=args.vector_dropout).items()
                       if v is not None})
     plan = replace(p.stages[args.stage], **{k: v for k, v in dict(steps=args.steps, batch_size=args.batch_size,
                                                                   lr=args.lr).items() if v is not None})
@@ -444,32 +476,41 @@ def settings(args) -> tuple[Preset, StagePlan]:
 
 
 def check_preconditions(args, p: Preset, plan: StagePlan) -> None:
-    """Everything a stage needs that can be checked in an instant, before any corpus, teacher or model loads:
-    a missing one ends the run with one line (on rank 0), not a traceback minutes later on every rank."""
+    """Everything a stage needs that can be checked in an instant, before any corpus, teacher or model loads: a
+    missing one raises InputError, which ends the command in one line (on rank 0), not a traceback minutes later
+    on every rank."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     previous = args.out / f"stage{args.stage - 1}"
+    meta_file = args.out / "teachers" / "meta.json"
+    n_train = p.n_pairs - p.heldout_pairs if args.stage == 4 else p.n_texts - p.heldout
     problem = None
     if args.short_teacher is not None and args.stage != 3:
         problem = "--short-teacher applies to stage 3, where the short MRL heads are trained"
+    elif p.loss_batch not in ("global", "rank"):
+        problem = f"loss_batch must be global or rank, not {p.loss_batch!r}"
     elif plan.batch_size % world:
         problem = f"the global batch {plan.batch_size} does not split over {world} ranks"
+    elif n_train < plan.batch_size:
+        problem = f"{n_train} training examples cannot fill a batch of {plan.batch_size}"
     elif args.stage == 4 and p.vision_encoder is None:
         problem = f"the preset {p.name} has no vision encoder for stage 4"
     elif args.stage > 1 and not (previous / "jasper_config.json").is_file():
         problem = f"stage {args.stage} starts from {previous}, which has no finished model: run --stage {args.stage - 1} first"
-    elif args.stage in (2, 3) and (args.out / "teachers" / "meta.json").is_file() and fc1_width(previous) != \
-            sum(t["dim"] for t in json.loads((args.out / "teachers" / "meta.json").read_text())["teachers"]):
-        problem = f"{previous} has FC1 width {fc1_width(previous)}, but the teachers in {args.out}/teachers give another"
+    elif args.stage in (2, 3) and meta_file.is_file() and fc1_width(previous) != target_width(meta_file):
+        problem = (f"{previous} has FC1 width {fc1_width(previous)}, but the teachers in {meta_file.parent} give "
+                   f"{target_width(meta_file)}")
     elif args.stage < 4:
-        problem = teachers.recipe_problem(args.out, p, args.seed)
+        problem = teachers.data_problem(args.out, p, args.seed)
     if problem:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"train.py: {problem}", file=sys.stderr)
-        raise SystemExit(2)
+        raise InputError(problem)
 
 
 def fc1_width(stage_dir: Path) -> int:
     return json.loads((stage_dir / "jasper_config.json").read_text())["head_dims"][0]
+
+
+def target_width(meta_file: Path) -> int:
+    return sum(t["dim"] for t in json.loads(meta_file.read_text())["teachers"])
 
 
 def main(argv=None):
@@ -491,8 +532,6 @@ def main(argv=None):
         task = TextStage(corpus, cache, tokenizer, p, device, args.short_teacher or "target",
                          reuse_pooled=args.stage == 1 and plan.steps * plan.batch_size > n_train)
     n_train = task.n_examples - task.n_heldout
-    if n_train < plan.batch_size:
-        raise ValueError(f"{n_train} training examples cannot fill a batch of {plan.batch_size}")
     heldout = np.arange(n_train, task.n_examples)
     trainable = prepare_for_stage(model, args.stage, p, device)
     stage_dir, ckpt_dir = args.out / f"stage{args.stage}", args.out / f"stage{args.stage}" / "checkpoints"
@@ -514,18 +553,25 @@ def main(argv=None):
     bar = tqdm(range(start, plan.steps), initial=start, total=plan.steps, desc=f"stage {args.stage}", disable=rank != 0)
     for step in bar:
         parts, real = task.loss(engine, batch_indices(step, plan.batch_size, n_train, args.seed), rank, world)
-        engine.backward(parts["loss"] * world)  # ranks average gradients; each holds only its shard's part
+        # DeepSpeed averages the ranks' gradients. A global loss sends each rank only its own shard's part of the
+        # gradient, so W times that averages to the whole; per-rank losses average to their mean's gradient.
+        engine.backward(parts["loss"] * (world if p.loss_batch == "global" else 1))
         lr = schedule.get_last_lr()[0]
         engine.step()
         tokens += real
-        if rank == 0 and (step % p.log_every == 0 or step == plan.steps - 1):
-            row = {"step": step, "lr": lr, **{k: v.item() for k, v in parts.items()}}
-            if writer is None:
-                writer = csv.DictWriter(log, fieldnames=list(row))
-                writer.writeheader()
-            writer.writerow(row)
-            log.flush()
-            bar.set_postfix(loss=f"{row['loss']:.4f}")
+        if step % p.log_every == 0 or step == plan.steps - 1:
+            values = torch.stack([v.detach().float() for v in parts.values()])
+            if p.loss_batch == "rank":  # log the mean over the ranks, which the step followed
+                dist.all_reduce(values)
+                values /= world
+            row = {"step": step, "lr": lr, **dict(zip(parts, values.tolist()))}
+            if rank == 0:
+                if writer is None:
+                    writer = csv.DictWriter(log, fieldnames=list(row))
+                    writer.writeheader()
+                writer.writerow(row)
+                log.flush()
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
         if (step + 1) % p.checkpoint_every == 0 and step + 1 < plan.steps:
             save_checkpoint(engine, ckpt_dir, step + 1, before, rank)
     elapsed = time.time() - t0
@@ -552,7 +598,7 @@ def main(argv=None):
 
 def save_stage(model: jasper.Jasper, tokenizer, task, stage_dir: Path, p: Preset) -> None:
     """The model (also a sentence-transformers folder, with the query prompt), its tokenizer and preprocessing."""
-    model.save_pretrained(stage_dir, prompts={"query": p.query_prompt, "document": ""})
+    model.save_pretrained(stage_dir, prompts={**p.prompts, "document": ""})
     tokenizer.model_max_length = p.max_length  # sentence-transformers truncates there
     tokenizer.save_pretrained(stage_dir / "text")
     if isinstance(task, ImageStage):
@@ -560,4 +606,4 @@ def save_stage(model: jasper.Jasper, tokenizer, task, stage_dir: Path, p: Preset
 
 
 if __name__ == "__main__":
-    main()
+    presets.run_command("train.py", main)
