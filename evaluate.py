@@ -294,9 +294,6 @@ def bar_chart(result: dict, path: str | Path | None = None):
     """Every model's widest head on the three sets as bars (retrieval: the students with their query prompt, the
     teachers with theirs), the student's start and the teachers' target as lines across: whether distillation
     moved the student towards the target."""
-    import matplotlib
-    if path is not None:
-        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names, gap = list(result["models"]), ends(result)
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))

@@ -87,8 +87,6 @@ def plot(out: Path) -> Path:
     """The loss curves of every stage of a run, one row per stage: the total loss, then one panel per head
     with its weighted parts (eq. 4: 10 L_cos, 200 L_sim, 20 L_resim). Thin lines are the steps, thick ones
     their running mean; each row shares its y axis, so the heads of a stage compare at a glance."""
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     logs = sorted(out.glob("stage*/log.csv"))
     runs = []
@@ -188,8 +186,6 @@ def stages_figure(path: Path) -> Path:
     """The four stages side by side: which parts of the student exist (dotted: not yet), which train (orange) and
     which are frozen (grey), bottom to top in the order a text or an image flows, with each stage's loss and data
     below. The target is the teachers' normalized concatenation; in stage 4 the caption's vector from the same head."""
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import FancyBboxPatch
     colours = {"trains": "#f5a25d", "frozen": "#d9d9d9", "no weights": "white"}
