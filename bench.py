@@ -212,8 +212,9 @@ STEP_KINDS = {
 def step_once(kind: str, batch: int, steps: int) -> dict:
     """Median seconds of a training step of the toy student on toy texts (the toy corpus's first 2,000), every weight
     training, in one process. train.py's kinds run its own pieces (TextStage.loss on a corpus file and a cache of
-    target vectors, engine.backward, engine.step); sentence-transformers' runs its trainer on the same texts, batch
-    and target width. The targets are random unit vectors: a step's cost does not depend on their values."""
+    target vectors, engine.backward, engine.step); sentence-transformers' is its trainer's step written out (the
+    Trainer itself needs accelerate, which nothing else here does): its model with a Dense layer to the target width,
+    tokenize, MSELoss, backward, clipping, AdamW, on the same texts, batches and target width. The targets are random unit vectors: a step's cost does not depend on their values."""
     import tempfile
     import data
     import presets
@@ -226,31 +227,25 @@ def step_once(kind: str, batch: int, steps: int) -> dict:
     targets = F.normalize(torch.from_numpy(rng.standard_normal((len(rows), TEACHER_WIDTH))).float(), dim=-1)
     times = []
     if kind == "sentence-transformers":
-        import datasets
-        import transformers
-        from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
-        from sentence_transformers import SentenceTransformerTrainingArguments
+        from sentence_transformers import SentenceTransformer
         from sentence_transformers.sentence_transformer.losses import MSELoss
         from sentence_transformers.sentence_transformer.modules import Dense
-
-        class StepTimer(transformers.TrainerCallback):
-            def on_step_begin(self, *args, **kwargs):
-                self.start = time.perf_counter()
-
-            def on_step_end(self, *args, **kwargs):
-                times.append(time.perf_counter() - self.start)
         model = SentenceTransformer(data.all_minilm_l6_v2(), device="cpu")
         model.max_seq_length = p.max_length
         model.append(Dense(model.get_embedding_dimension(), TEACHER_WIDTH, activation_function=torch.nn.Identity()))
+        model.train()
         texts = data.with_prompts(*zip(*rows), p.prompts)
-        dataset = datasets.Dataset.from_dict({"text": texts, "label": targets.tolist()})
-        with tempfile.TemporaryDirectory() as out:
-            args = SentenceTransformerTrainingArguments(
-                output_dir=out, per_device_train_batch_size=batch, max_steps=steps + 3, learning_rate=p.stages[3].lr,
-                warmup_ratio=p.warmup_share, save_strategy="no", report_to="none", use_cpu=True, logging_steps=10 ** 6,
-                dataloader_drop_last=True, disable_tqdm=True)
-            SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=MSELoss(model),
-                                       callbacks=[StepTimer()]).train()
+        loss = MSELoss(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=p.stages[3].lr)
+        for step in range(steps + 3):
+            start = time.perf_counter()
+            idx = train.batch_indices(step, batch, len(rows), 0)
+            features = model.preprocess([texts[i] for i in idx])
+            loss([features], targets[idx]).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - start)
     else:
         from transformers import AutoTokenizer
         import deepspeed
