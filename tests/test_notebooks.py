@@ -23,12 +23,12 @@ def test_the_notebooks_are_the_three_the_user_asked_for():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_the_committed_notebook_shows_its_results(path):
     """A reader of the repository sees every result without running anything: the code cells were executed in order,
-    1, 2, 3, ..., each shows an output, none an error, and every cell that draws a figure holds its image."""
+    1, 2, 3, ..., none shows an error, and every cell that draws a figure holds its image."""
     cells = code_cells(nbformat.read(path, as_version=4))
     assert [cell.execution_count for cell in cells] == list(range(1, len(cells) + 1)), "re-execute it: README"
     for k, cell in enumerate(cells, 1):
         kinds = {output.output_type for output in cell.outputs}
-        assert cell.outputs and "error" not in kinds, f"cell {k} shows no output or an error"
+        assert "error" not in kinds, f"cell {k} shows an error"
         draws = any(word in cell.source for word in ("plt.", "plot(", "bar_chart(", "figure(", "imshow("))
         images = [o for o in cell.outputs if "image/png" in o.get("data", {})]
         assert images or not draws, f"cell {k} draws a figure but holds no image"
