@@ -398,7 +398,7 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def deepspeed_engine(model: jasper.Jasper, plan: StagePlan, p: Preset, world: int, device):
     """AdamW (fused: one kernel over all weights), warmup then cosine, gradient clipping, bf16 on GPU; ZeRO-2 over
     more than one rank, as in the paper; one process has nothing to partition, and ZeRO-2 there only adds copies
-    (bench.py: its step is 1.19x slower)."""
+    (bench.py --step: with torch's unfused AdamW, 1.2x slower)."""
     optimizer = torch.optim.AdamW(parameter_groups(model, p.weight_decay), lr=plan.lr, fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_then_cosine(s, plan.steps, p.warmup_share))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config={
