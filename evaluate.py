@@ -12,7 +12,7 @@ base encoder, mean-pooled) and the student after every stage that trains the tex
   score: Spearman's correlation between the cosine of a pair's vectors and the people's score.
 - Documents: Lee, Pincombe & Welsh (2005), 50 news articles whose 1,225 pairs people rated for similarity (gensim's
   test data); the score is Pearson's r between cosine and mean rating.
-- Retrieval: data.wikipedia_retrieval, Wikipedia's one-line descriptions of articles as queries against passages
+- Retrieval: toy_data.wikipedia_retrieval, Wikipedia's one-line descriptions of articles as queries against passages
   of the articles' leads, none of them in any training text; the score is MTEB's main retrieval score, nDCG@10.
   Queries go in as they are and with the model's own query prompt (the student's: the one it trained with).
 
@@ -31,14 +31,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm
 from transformers import AutoTokenizer
 
+import batching
+import commands
 import data
 import jasper
+import metrics
 import presets
 import teachers
-import train
+import toy_data
+from commands import InputError
 
 INSTRUCTIONS = {
     "none": "",
@@ -55,9 +59,9 @@ BATCH_SIZE = 16  # texts per forward pass: on a 2-core CPU, 16 long texts go 1.3
 def lee_documents() -> tuple[list[str], np.ndarray]:
     """The 50 documents of Lee, Pincombe & Welsh (2005) and the (50, 50) matrix of mean human similarity ratings
     (0-1, filled above the diagonal), from the data files of the gensim wheel (its code is not used)."""
-    documents = data.package_file("gensim", "test_data/lee.cor").read_text(encoding="latin-1").splitlines()
+    documents = toy_data.package_file("gensim", "test_data/lee.cor").read_text(encoding="latin-1").splitlines()
     ratings = np.array([[float(v) for v in line.split("\t")] for line in
-                        data.package_file("gensim", "test_data/similarities0-1.txt").read_text().splitlines()])
+                        toy_data.package_file("gensim", "test_data/similarities0-1.txt").read_text().splitlines()])
     return documents, ratings
 
 
@@ -71,17 +75,7 @@ def lee_pearson(vectors: torch.Tensor, ratings: np.ndarray) -> float:
 def sts_spearman(first: torch.Tensor, second: torch.Tensor, gold: np.ndarray) -> float:
     """first, second: (n, d) vectors of the n pairs. Spearman of their cosines against the gold scores."""
     cosines = (F.normalize(first.double(), dim=-1) * F.normalize(second.double(), dim=-1)).sum(-1)
-    return train.spearman(cosines, torch.from_numpy(gold))
-
-
-def ndcg_at_10(queries: torch.Tensor, passages: torch.Tensor, relevant: np.ndarray) -> float:
-    """MTEB's main retrieval score where each query has one relevant passage: the mean over the queries of
-    1 / log2(1 + r), r the rank of the query's relevant passage by cosine, when r <= 10, else 0 (the ideal DCG is 1).
-    queries: (q, d), passages: (p, d), relevant: (q,) passage indices. A tie counts in the relevant passage's favour."""
-    sims = F.normalize(queries.double(), dim=-1) @ F.normalize(passages.double(), dim=-1).T  # (q, p)
-    own = sims[torch.arange(len(relevant)), torch.from_numpy(relevant)]
-    rank = (sims > own[:, None]).sum(dim=1) + 1  # (q,) 1-based
-    return float(torch.where(rank <= 10, 1 / torch.log2(rank.double() + 1), 0.0).mean())
+    return metrics.spearman(cosines, torch.from_numpy(gold))
 
 
 def gap_closed(score: float, start: float, target: float) -> float:
@@ -105,7 +99,7 @@ def sorted_encoder(embed, tokenizer, max_length: int, device: str, prompts: dict
     def encode(texts, kind):
         texts = data.with_prompts(texts, [kind] * len(texts), prompts)
         order = np.argsort([-len(t) for t in texts], kind="stable")
-        chunks = train.text_chunks(tokenizer, [texts[i] for i in order], BATCH_SIZE, max_length, device)
+        chunks = batching.text_chunks(tokenizer, [texts[i] for i in order], BATCH_SIZE, max_length, device)
         back = torch.from_numpy(np.argsort(order))
         return {width: v.cpu()[back] for width, v in embed(chunks).items()}
     return encode
@@ -120,7 +114,7 @@ def student_encoder(stage_dir: Path, device: str):
     """Every head of a saved stage, with the prompts it trained with."""
     model = jasper.Jasper.from_pretrained(stage_dir).to(device)
     tokenizer = AutoTokenizer.from_pretrained(stage_dir / "text")
-    return sorted_encoder(lambda chunks: train.embed_in_batches(model, chunks), tokenizer,
+    return sorted_encoder(lambda chunks: batching.embed(model, chunks), tokenizer,
                           tokenizer.model_max_length, device, trained_prompts(stage_dir))
 
 
@@ -168,7 +162,7 @@ def encode_models(teacher_models: dict, students: dict, texts: list[str], kind: 
     `students`, each text of the given kind, and "target" from the teachers' vectors (normalize, concatenate,
     normalize), in the teachers' time."""
     out = {}
-    for name, encode in tqdm({**teacher_models, **students}.items(), desc=desc, leave=False):
+    for name, encode in tqdm({**teacher_models, **students}.items(), desc=desc, leave=False, disable=None):
         start = time.perf_counter()
         out[name] = encode(texts, kind), time.perf_counter() - start
     target = jasper.teacher_target(*(next(iter(out[name][0].values())) for name in teacher_models))
@@ -179,16 +173,16 @@ def encode_models(teacher_models: dict, students: dict, texts: list[str], kind: 
 def sts_texts(split: str, limit: int | None = None, every: int = 1):
     """The split's distinct sentences (each encoded once) and its pairs as (rows of first, rows of second, gold);
     `limit` keeps the first pairs, `every` every k-th."""
-    first, second, gold = (part[:limit][::every] for part in data.sts_benchmark(split))
+    first, second, gold = (part[:limit][::every] for part in toy_data.sts_benchmark(split))
     texts = list(dict.fromkeys(first + second))
     row = {t: i for i, t in enumerate(texts)}
     return texts, (torch.tensor([row[t] for t in first]), torch.tensor([row[t] for t in second]), gold)
 
 
 def retrieval_set(split: str, limit: int | None = None) -> tuple[list[str], list[str], np.ndarray]:
-    """data.wikipedia_retrieval's split; `limit` keeps its first queries, their passages and as many as three times
+    """toy_data.wikipedia_retrieval's split; `limit` keeps its first queries, their passages and as many as three times
     that many passages in all (a quick look)."""
-    queries, passages, relevant = data.wikipedia_retrieval(split)
+    queries, passages, relevant = toy_data.wikipedia_retrieval(split)
     if limit is None:
         return queries, passages, relevant
     kept = sorted(set(relevant[:limit].tolist()) | set(range(min(len(passages), 3 * limit))))
@@ -203,7 +197,8 @@ def evaluate_run(run: Path, device: str, instructions: dict[str, str] = INSTRUCT
                  split: str = "test", instruction_every: int = 8) -> dict:
     """Score the teachers, their target, the student at its start and after every stage of `run` that trained the
     text side, at every head: the STS Benchmark (`split`, its first `limit` pairs), the Lee documents and the
-    retrieval set (`split`, its first `limit` queries: retrieval_set), then the teachers, the target and the last stage under every instruction, on every
+    retrieval set (`split`, its first `limit` queries: retrieval_set), then the teachers, the target and the last
+    stage under every instruction, on every
     `instruction_every`-th STS pair (the teachers' passes are most of the cost)."""
     stages = text_stages(run)
     if not stages:
@@ -224,13 +219,14 @@ def evaluate_run(run: Path, device: str, instructions: dict[str, str] = INSTRUCT
     passage_vectors = encode_models(encoders, students, passages, desc="retrieval passages")
     plain = encode_models(encoders, students, queries, desc="queries")
     prompted = encode_models(encoders, students, queries, "query", desc="queries with prompts")
+    def ndcg(queries_by_model, name):
+        passages_of = passage_vectors[name][0]
+        return {w: metrics.ndcg_at_10(v, passages_of[w], relevant) for w, v in queries_by_model[name][0].items()}
     models = {}
     for name, (vectors, seconds) in sentences.items():
-        def ndcg(query_vectors):
-            return {w: ndcg_at_10(v, passage_vectors[name][0][w], relevant) for w, v in query_vectors[name][0].items()}
         models[name] = {"sts": by_width(lambda v: sts_spearman(v[first], v[second], gold), vectors),
                         "lee": by_width(lambda v: lee_pearson(v, ratings), lee[name][0]),
-                        "retrieval": ndcg(plain), "retrieval_prompted": ndcg(prompted),
+                        "retrieval": ndcg(plain, name), "retrieval_prompted": ndcg(prompted, name),
                         "texts_per_second": len(texts) / seconds}
 
     last = list(stages)[-1]
@@ -251,7 +247,7 @@ def first_score(scores: dict) -> float:
     return next(iter(scores.values()))
 
 
-def ends(result: dict) -> dict[str, tuple[float, float]]:
+def gap_ends(result: dict) -> dict[str, tuple[float, float]]:
     """{part: (start, target)}: the gap's ends, the start with its queries as they are and the target as its
     teachers encode them (with their own prompts, the way their cards use them)."""
     models = result["models"]
@@ -261,7 +257,7 @@ def ends(result: dict) -> dict[str, tuple[float, float]]:
 
 def markdown(result: dict) -> str:
     """The tables of evaluate_run's result, as returned or as read back from scores.json."""
-    gap = ends(result)
+    gap = gap_ends(result)
     lines = [f"{result['split']} parts: STS Benchmark ({result['sts_pairs']} pairs, Spearman x 100), Lee documents "
              f"(Pearson r), retrieval ({result['retrieval']['queries']} queries, {result['retrieval']['passages']} "
              "passages, nDCG@10) with queries as they are and with the model's own query prompt; "
@@ -286,31 +282,37 @@ def markdown(result: dict) -> str:
                   "| instruction | " + " | ".join(f"{name} {w}-d" for name, w in columns) + " |",
                   "|---" + "|---:" * len(columns) + "|"]
         for instruction, scores in rows.items():
-            lines.append(f"| {instruction} | " + " | ".join(f"{scores[name][w] * 100:.2f}" for name, w in columns) + " |")
+            cells = " | ".join(f"{scores[name][w] * 100:.2f}" for name, w in columns)
+            lines.append(f"| {instruction} | {cells} |")
     return "\n".join(lines)
 
 
 def bar_chart(result: dict, path: str | Path | None = None):
-    """Every model's widest head on the three sets as bars (retrieval: the students with their query prompt, the
-    teachers with theirs), the student's start and the teachers' target as lines across: whether distillation
-    moved the student towards the target."""
+    """Every model's widest head on the three sets as bars, each with its value; retrieval with each model's own query
+    prompt (the teachers' cards define none for the toy: their plain queries). Lines across: the student's start and
+    the teachers' target, the ends of the gap (the start's queries as they are, as the gap measures it). Each axis
+    spans at least a fixed range, so that a small difference does not fill the panel."""
     import matplotlib.pyplot as plt
-    names, gap = list(result["models"]), ends(result)
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
-    for ax, (part, scored, label, scale) in zip(axes, (
-            ("sts", "sts", f"STS-B {result['split']} (Spearman x 100)", 100),
-            ("lee", "lee", "Lee documents (Pearson r)", 1),
-            ("retrieval", "retrieval_prompted", f"retrieval {result['split']} (nDCG@10, query prompts)", 1))):
+    names, gap = list(result["models"]), gap_ends(result)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    for ax, (part, scored, label, scale, span) in zip(axes, (
+            ("sts", "sts", f"STS-B {result['split']} (Spearman x 100)", 100, 5.0),
+            ("lee", "lee", "Lee documents (Pearson r)", 1, 0.1),
+            ("retrieval", "retrieval_prompted", f"retrieval {result['split']} (nDCG@10), with query prompts", 1, 0.2))):
         scores = [scale * first_score(result["models"][n][scored]) for n in names]
         colours = ["tab:gray" if "(teacher)" in n else "tab:purple" if n == "target" else "tab:blue" for n in names]
         ax.bar(range(len(names)), scores, color=colours)
-        for value, line, label_ in ((gap[part][0], ":", "start"), (gap[part][1], "--", "target")):
-            ax.axhline(scale * value, color="black", linestyle=line, linewidth=1, label=label_)
-        spread = max(scores) - min(scores)
-        ax.set_ylim(min(scores) - 0.5 * spread, max(scores) + 0.2 * spread)
+        for k, value in enumerate(scores):
+            ax.text(k, value, f"{value:.2f}" if scale == 100 else f"{value:.3f}", ha="center", va="bottom", fontsize=7)
+        start_label = "start, queries as they are" if part == "retrieval" else "start"
+        for value, line, name in ((gap[part][0], ":", start_label), (gap[part][1], "--", "target")):
+            ax.axhline(scale * value, color="black", linestyle=line, linewidth=1, label=name)
+        middle, half = (max(scores) + min(scores)) / 2, max(span, 1.3 * (max(scores) - min(scores))) / 2
+        ax.set_ylim(middle - half, middle + half)
         ax.set_xticks(range(len(names)), [n.replace(" (teacher)", "\n(teacher)") for n in names], fontsize=8)
         ax.set_title(label, fontsize=10)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.set_ylabel(f"axis spans {2 * half:.3g}, from {middle - half:.3g}", fontsize=8)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=110)
@@ -338,7 +340,7 @@ def mteb_tasks(names: list[str]) -> list:
             try:
                 tasks.append(mteb.get_task(name))
             except KeyError:
-                raise data.InputError(f"--mteb: {name!r} is neither an MTEB task nor a benchmark") from None
+                raise InputError(f"--mteb: {name!r} is neither an MTEB task nor a benchmark") from None
     return tasks
 
 
@@ -404,4 +406,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    presets.run_command("evaluate.py", main)
+    commands.run("evaluate.py", main)

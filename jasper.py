@@ -6,7 +6,7 @@ A student embedding model learns to reproduce the vectors of several frozen teac
 
 Notation (paper 2.1). A batch holds m texts x. s_x is the student's L2-normalized vector of x; t_x is the
 teachers' vectors of x, each L2-normalized, concatenated and L2-normalized again. S and T stack them as rows.
-The batch has C(m,2) text pairs (i,j), i < j, and N = C(C(m,2), 2) pairs of those pairs.
+The batch has P = C(m,2) text pairs (i,j), i < j, and N = C(P,2) pairs of those pairs.
 
     (1) L_cos   = sum_x (1 - s_x . t_x)
     (2) L_sim   = MSE(S S^T, T T^T)
@@ -17,28 +17,32 @@ The batch has C(m,2) text pairs (i,j), i < j, and N = C(C(m,2), 2) pairs of thos
 The student (paper 2.2, Figure 1): a bidirectional language model with mean pooling, a vision encoder whose
 tokens a pooler shrinks to fewer tokens at the language model's input width, and fully connected heads. FC1
 maps to the teachers' concatenated width (12288 = 4096 + 8192 in the paper); FC2-FC4 are the short
-Matryoshka (MRL) heads added in stage 3.
+Matryoshka (MRL) heads added in stage 3. Unlike Matryoshka representation learning proper (Kusupati et al.,
+2022), where one vector's prefixes are the short vectors, each head here is its own linear layer (paper 2.4).
 
 The stages (paper 2.3-2.5): what trains, and the loss.
     1: FC1                                  eq. (4), FC1 against the target
     2: FC1 + the last 3 encoder layers      eq. (4), FC1 against the target
-    3: the text side and every head         FC1: eq. (4); each short head: 200 L_sim + 20 L_resim (text_distill_loss)
+    3: the text side and every head         FC1: eq. (4); short heads: 200 L_sim + 20 L_resim (text_distill_loss)
     4: the vision encoder                   every head: eq. (4), image against its caption (image_distill_loss)
 
 This file reads top to bottom: input checks, the target and the losses (pure functions on (m, d) matrices),
-the config, the modules, the stage plan. The exact fast L_resim for large batches is in resim_counted.py,
-saving and loading in saving.py.
+the config, the modules (with saving and loading), the stage plan. The exact fast L_resim for large batches is in
+resim_counted.py; export.py also writes a saved folder as a sentence-transformers model.
 """
 
 import inspect
+import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensor
 from transformers import MODEL_MAPPING, AutoConfig, SiglipVisionConfig, SiglipVisionModel
 
 from resim_counted import resim_hinge_sum_counted
@@ -52,25 +56,30 @@ DENSE_RESIM_MAX_PAIRS = 496  # text pairs (m <= 32): both ways take ~2 ms there,
 
 # ----------------------------------------------------------------------------- input checks
 
-def check_vectors(**named: Tensor) -> None:
-    """Raise ValueError, naming the argument, unless every tensor is a finite (m, d) matrix of unit
-    rows with m, d >= 1 and the same m for all. Every loss below starts with this check, because a
-    misaligned or broken vector file otherwise turns into a silently wrong loss."""
+def check_vectors(unit: bool = True, **named: Tensor) -> None:
+    """Raise ValueError, naming the argument, unless every tensor is a finite (m, d) matrix with m, d >= 1 and the same
+    m for all, whose rows are unit vectors (unit=True: student and target vectors) or at least not zero (unit=False:
+    a teacher's raw outputs). The loss entry points (distill_loss, text_distill_loss, image_distill_loss) and
+    teacher_target start with it: a misaligned or broken vector file otherwise turns into a silently wrong loss. The
+    value checks of all tensors are read back together, one device sync per call."""
     for name, v in named.items():
         if v.dim() != 2:
             raise ValueError(f"{name} must be a (batch, dim) matrix, got shape {tuple(v.shape)}")
         if v.shape[0] == 0 or v.shape[1] == 0:
             raise ValueError(f"{name} is empty: shape {tuple(v.shape)}")
-        if not torch.isfinite(v).all():
-            raise ValueError(f"{name} contains NaN or inf")
-    for name, v in named.items():
-        norms = v.detach().float().norm(dim=-1)
-        if (norms - 1).abs().max() > UNIT_NORM_TOLERANCE:
-            raise ValueError(f"{name} rows must be L2-normalized, found norms from "
-                             f"{norms.min():.4g} to {norms.max():.4g}")
     rows = {name: v.shape[0] for name, v in named.items()}
     if len(set(rows.values())) > 1:
         raise ValueError(f"batch sizes differ: {rows}")
+    norms = {name: v.detach().float().norm(dim=-1) for name, v in named.items()}
+    finite = [bool(ok) for ok in torch.stack([torch.isfinite(v).all() for v in named.values()]).tolist()]
+    extremes = torch.stack([torch.stack([n.min(), n.max()]) for n in norms.values()]).tolist()
+    for name, ok, (low, high) in zip(named, finite, extremes):
+        if not ok:
+            raise ValueError(f"{name} contains NaN or inf")
+        if unit and max(abs(low - 1), abs(high - 1)) > UNIT_NORM_TOLERANCE:
+            raise ValueError(f"{name} rows must be L2-normalized, found norms from {low:.4g} to {high:.4g}")
+        if not unit and low == 0:
+            raise ValueError(f"{name} has an all-zero vector, which has no direction")
 
 
 # ----------------------------------------------------------------------------- teacher target
@@ -80,68 +89,72 @@ def teacher_target(*teacher_vectors: Tensor) -> Tensor:
 
     teacher_vectors: k matrices (m, d_1) ... (m, d_k), raw teacher outputs (any norm, not zero).
     Returns (m, d_1 + ... + d_k) with unit rows. Normalizing each teacher first gives every teacher
-    the same weight in the target, whatever the scale of its outputs.
+    the same weight in the target, whatever the scale of its outputs: t . t' = (a . a' + b . b') / 2 for two.
+
+        >>> jasper.teacher_target(nv_embed_vectors, stella_vectors).shape   # (m, 4096), (m, 8192)
+        torch.Size([m, 12288])
     """
     if not teacher_vectors:
         raise ValueError("teacher_target needs at least one teacher's vectors")
-    for k, v in enumerate(teacher_vectors):
-        if v.dim() != 2 or v.shape[0] == 0 or v.shape[1] == 0:
-            raise ValueError(f"teacher {k} must be a non-empty (batch, dim) matrix, got {tuple(v.shape)}")
-        if not torch.isfinite(v).all():
-            raise ValueError(f"teacher {k} vectors contain NaN or inf")
-        if (v.norm(dim=-1) == 0).any():
-            raise ValueError(f"teacher {k} has an all-zero vector, which has no direction")
-    rows = [v.shape[0] for v in teacher_vectors]
-    if len(set(rows)) > 1:
-        raise ValueError(f"teachers disagree on the batch size: {rows}")
+    check_vectors(unit=False, **{f"teacher {k}": v for k, v in enumerate(teacher_vectors)})
     return F.normalize(torch.cat([F.normalize(v, dim=-1) for v in teacher_vectors], dim=-1), dim=-1)
 
 
 # ----------------------------------------------------------------------------- the three losses
+# The parts take unit rows as they come; the entry points below check their inputs once per call.
 
 def cosine_loss(s: Tensor, t: Tensor) -> Tensor:
     """Eq. (1): L_cos = sum_x (1 - s_x . t_x), taken as the mean over the batch.
 
-    s, t: (m, d) unit rows of the same width. The paper writes a sum; the official implementation
-    (RAG-Retrieval, model_distill.py, via F.cosine_embedding_loss), with which the weights 10/200/20
-    were tuned, averages over the batch, so we do too: the loss does not grow with m.
+    s, t: (m, d) unit rows of the same width -> scalar. Each text alone: is the student's vector the teacher's?
+    It is sentence-transformers' CosineSimilarityLoss with every label 1 (or MSELoss's direction-only cousin). The
+    paper writes a sum; the official implementation (RAG-Retrieval, model_distill.py, via F.cosine_embedding_loss),
+    with which the weights 10/200/20 were tuned, averages over the batch, so we do too: the loss does not grow with m.
+
+        >>> jasper.cosine_loss(s, t)       # 0 when every s_x == t_x, 1 when all are orthogonal
     """
-    check_vectors(s=s, t=t)
-    if s.shape[1] != t.shape[1]:
-        raise ValueError(f"cosine_loss needs the same width, got student {s.shape[1]} and teacher "
-                         f"{t.shape[1]}; short heads use similarity_loss and resim_loss only")
+    if s.shape[-1] != t.shape[-1]:
+        raise ValueError(f"cosine_loss needs the same width, got student {s.shape[-1]} and teacher "
+                         f"{t.shape[-1]}; short heads use similarity_loss and resim_loss only")
     return (1 - (s * t).sum(dim=-1)).mean()
 
 
 def similarity_loss(s: Tensor, t: Tensor) -> Tensor:
     """Eq. (2): L_sim = MSE(S S^T, T T^T), the mean over all m*m entries.
 
-    s: (m, d_s), t: (m, d_t) unit rows; the widths may differ, since only the m x m similarity
-    matrices are compared (this is how a 256-d MRL head learns from the 12288-d target).
+    s: (m, d_s), t: (m, d_t) unit rows -> scalar. Every pair of texts: are they as similar for the student as for the
+    teachers? This is MSE on the Gram matrices (sentence-transformers' MSELoss compares vectors; this compares their
+    pairwise cosines), so the widths may differ: a 256-d MRL head learns from the 12288-d target this way.
+
+        >>> jasper.similarity_loss(s[:, :256], t)   # any student width against any teacher width
     """
-    check_vectors(s=s, t=t)
     return F.mse_loss(s @ s.T, t @ t.T)
 
 
 def resim_loss(s: Tensor, t: Tensor, margin: float = MARGIN, method: str = "auto") -> Tensor:
-    """Eq. (3), relative similarity distillation, a CoSENT-style ranking loss:
+    """Eq. (3), relative similarity distillation:
 
         L_resim = 1/N sum over pairs of text pairs ((i,j), (k,l)) with t_i.t_j > t_k.t_l of
                       max(0, s_k.s_l - s_i.s_j + margin)
 
-    s: (m, d_s), t: (m, d_t) unit rows. The text pairs are the C(m,2) unordered pairs i < j. Whenever the
-    teachers rank pair (i,j) above pair (k,l), the student must too, by `margin`. Of the two orders of a pair of
-    pairs at most one is "greater", so the sum has at most one term per unordered pair of pairs, and N, the
-    paper's count of them, is C(C(m,2), 2) (the sentence after its eq. 3; also the official code's mean): the
-    loss does not grow with the batch. A teacher tie is never "greater" and adds nothing; "greater" means by
-    more than TIE_TOLERANCE, so a duplicated text, whose similarities a matrix product may round differently in
-    the last bit, ties instead of being ranked by rounding noise. m < 3 has no pair of pairs: the loss is 0.
+    s: (m, d_s), t: (m, d_t) unit rows -> scalar. Every pair of pairs: whenever the teachers rank text pair (i,j) above
+    pair (k,l), the student must too, by `margin`. It is CoSENT (Su, 2022; sentence-transformers' CoSENTLoss), which
+    ranks pairs by their labels with a smooth log-sum-exp, with the teachers' similarities as the labels and a hinge
+    in place of the log-sum-exp: a pair of pairs the student already orders by the margin adds nothing.
 
-    method: "dense" compares all pairs of pairs (resim_hinge_sum_dense: the readable reference, O(m^4) memory);
-    "counted" gets the same value and gradient in O(P log P) time and O(P) memory, P = C(m,2)
-    (resim_counted.py); "auto" takes dense up to DENSE_RESIM_MAX_PAIRS text pairs (m <= 32).
+    The text pairs are the P = C(m,2) unordered pairs i < j. Of the two orders of a pair of pairs at most one is
+    "greater", so the sum has at most one term per unordered pair of pairs, and N, the paper's count of them, is
+    C(P, 2) (the sentence after its eq. 3; also the official code's mean): the loss does not grow with the batch. A
+    teacher tie is never "greater" and adds nothing; "greater" means by more than TIE_TOLERANCE, so a duplicated text,
+    whose similarities a matrix product may round differently in the last bit, ties instead of being ranked by
+    rounding noise. m < 3 has no pair of pairs: the loss is 0.
+
+    method: "dense" compares all pairs of pairs (resim_hinge_sum_dense: the readable reference, a P x P mask, O(m^4)
+    memory); "counted" gets the same value and gradient in O(P log P) time and O(P) memory (resim_counted.py); "auto"
+    takes dense up to DENSE_RESIM_MAX_PAIRS text pairs (m <= 32).
+
+        >>> jasper.resim_loss(s, t)        # 0 once the student orders every pair of pairs like the teachers, by 0.015
     """
-    check_vectors(s=s, t=t)
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
     if method not in ("auto", "dense", "counted"):
@@ -170,80 +183,107 @@ def resim_hinge_sum_dense(s_pairs: Tensor, t_pairs: Tensor, margin: float) -> Te
     return (hinge * teacher_higher).sum()
 
 
-def distill_loss(s: Tensor, t: Tensor, margin: float = MARGIN,
-                 weights: dict[str, float] = LOSS_WEIGHTS) -> dict[str, Tensor]:
+def head_parts(s: Tensor, t: Tensor, margin: float = MARGIN) -> dict[str, Tensor]:
+    """One head's unweighted parts: "cos" only when the widths match (L_cos needs the two vectors in one space), then
+    "sim" and "resim". Inputs unchecked: the entry points check them."""
+    parts = {"cos": cosine_loss(s, t)} if s.shape[-1] == t.shape[-1] else {}
+    return parts | {"sim": similarity_loss(s, t), "resim": resim_loss(s, t, margin)}
+
+
+def weighted(parts: dict[str, Tensor], names=("cos", "sim", "resim")) -> Tensor:
+    """Eq. (4)'s weighted sum of those of the parts named."""
+    return sum(LOSS_WEIGHTS[name] * parts[name] for name in names if name in parts)
+
+
+def distill_loss(s: Tensor, t: Tensor, margin: float = MARGIN) -> dict[str, Tensor]:
     """Eq. (4): L = 10 L_cos + 200 L_sim + 20 L_resim for one head.
 
-    s: (m, d_s) student head, t: (m, d_t) teacher vectors, unit rows. L_cos needs the two vectors in
-    the same space, so it enters only when d_s == d_t: FC1 against the teachers' target (stages 1-3),
-    and every head in stage 4, where the caption's vector from the same head is the teacher. A short
-    MRL head against the wide target (stage 3) gets L_sim + L_resim only (paper 2.4).
+    s: (m, d_s) student head, t: (m, d_t) teacher vectors, unit rows. L_cos needs the two vectors in the same space,
+    so it enters only when d_s == d_t: FC1 against the teachers' target (stages 1-3), and every head in stage 4, where
+    the caption's vector from the same head is the teacher. A short MRL head against the wide target (stage 3) gets
+    L_sim + L_resim only (paper 2.4).
 
-    Returns {"loss": weighted total, "cos": ..., "sim": ..., "resim": ...}, the parts unweighted.
+        >>> parts = jasper.distill_loss(s, t)      # {"loss": weighted total, "cos", "sim", "resim": unweighted}
+        >>> parts["loss"].backward()
     """
-    parts = {}
-    if s.shape[-1] == t.shape[-1]:
-        parts["cos"] = cosine_loss(s, t)
-    parts["sim"] = similarity_loss(s, t)
-    parts["resim"] = resim_loss(s, t, margin)
-    parts["loss"] = sum(weights[name] * value for name, value in parts.items())
-    return parts
+    check_vectors(s=s, t=t)
+    parts = head_parts(s, t, margin)
+    return parts | {"loss": weighted(parts)}
 
 
 def named_parts(per_head: dict[int, dict[str, Tensor]]) -> dict[str, Tensor]:
-    """{width: {"loss", "cos", ...}} -> {"{width}_cos": ..., ...}: the unweighted parts, for logging."""
-    return {f"{width}_{name}": value for width, parts in per_head.items()
-            for name, value in parts.items() if name != "loss"}
+    """{width: {"cos": ..., ...}} -> {"{width}_cos": ..., ...}: the unweighted parts, for logging."""
+    return {f"{width}_{name}": value for width, parts in per_head.items() for name, value in parts.items()}
 
 
-def text_distill_loss(student: dict[int, Tensor], target: Tensor, short_teacher: str = "target") -> dict[str, Tensor]:
-    """The loss of stages 1-3: every head of the student against the teachers' target T (paper 2.3-2.4),
+HEAD_AVERAGES = ("all", "short")
 
-        L = L_4(S_FC1, T) + 1/|H| sum_{h in H} (200 L_sim(S_h, T) + 20 L_resim(S_h, T))
 
-    where L_4 is eq. (4) and H the short MRL heads (none in stages 1-2). FC1, as wide as T, gets all three
-    losses; a short head cannot be compared with T vector by vector, only by its similarities. The short heads'
-    mean keeps FC1's objective at the scale it had in stages 1-2 (the official code likewise averages its
-    similarity losses over the MRL widths).
+def text_distill_loss(student: dict[int, Tensor], target: Tensor, short_teacher: str = "target",
+                      head_average: str = "all") -> dict[str, Tensor]:
+    """The loss of stages 1-3: every head of the student against the teachers' target T (paper 2.3-2.4). FC1, as wide
+    as T, gets all three losses; a short head (FC2-FC4, H below) cannot be compared with T vector by vector, only by
+    its similarities. How the heads add up the paper leaves open; `head_average` says:
+
+        "all"   (the release, RAG-Retrieval's model_distill.py):
+                L = 10 L_cos(S_FC1, T) + 1/|H+1| sum_{h in FC1 and H} (200 L_sim(S_h, T) + 20 L_resim(S_h, T))
+        "short" (FC1 keeps its whole eq. (4), the short heads come on top, averaged):
+                L = L_4(S_FC1, T) + 1/|H| sum_{h in H} (200 L_sim(S_h, T) + 20 L_resim(S_h, T))
+
+    With no short head (stages 1-2) both are eq. (4) for FC1. Against "all", "short" weighs FC1's L_sim and L_resim
+    |H + 1| times as much and the short heads' (|H| + 1) / |H| times, relative to L_cos.
 
     student: {width: (m, width) unit rows}, one entry per FC head; target: (m, D) unit rows.
+    short_teacher: what the short heads learn from: "target", the teachers' vectors (paper 2.4); "fc1", FC1's own
+    vectors, detached (the self-distillation paper 2.4 proposes but never evaluates); or "both", the mean of the two.
 
-    short_teacher: what the short heads learn from: "target", the teachers' vectors (paper 2.4); "fc1",
-    FC1's own vectors, detached (the self-distillation paper 2.4 proposes but never evaluates); or
-    "both", the mean of the two losses.
+        >>> jasper.text_distill_loss({12288: s_fc1, 1024: s_fc2, 512: s_fc3, 256: s_fc4}, t)["loss"]
 
     Returns {"loss": total, "{width}_{part}": each unweighted part of each head}.
     """
-    fc1 = target.shape[-1]
-    if fc1 not in student:
-        raise ValueError(f"no head as wide as the target ({fc1}); the student has {sorted(student)}")
-    teachers = {"target": [target], "fc1": [student[fc1].detach()],
-                "both": [target, student[fc1].detach()]}
+    full_width = target.shape[-1]
+    if full_width not in student:
+        raise ValueError(f"no head as wide as the target ({full_width}); the student has {sorted(student)}")
+    if head_average not in HEAD_AVERAGES:
+        raise ValueError(f"head_average must be one of {HEAD_AVERAGES}, got {head_average!r}")
+    teachers = {"target": [target], "fc1": [student[full_width].detach()],
+                "both": [target, student[full_width].detach()]}
     if short_teacher not in teachers:
         raise ValueError(f"short_teacher must be one of {sorted(teachers)}, got {short_teacher!r}")
-    per_head = {fc1: distill_loss(student[fc1], target)}
-    for width in (w for w in student if w != fc1):
-        losses = [distill_loss(student[width], t) for t in teachers[short_teacher]]
+    check_vectors(target=target, **{f"head {width}": v for width, v in student.items()})
+    per_head = {full_width: head_parts(student[full_width], target)}
+    for width in (w for w in student if w != full_width):
+        losses = [head_parts(student[width], t) for t in teachers[short_teacher]]
         per_head[width] = {name: sum(parts[name] for parts in losses) / len(losses) for name in losses[0]}
-    short = [per_head[width]["loss"] for width in per_head if width != fc1]
-    total = per_head[fc1]["loss"] + (sum(short) / len(short) if short else 0.0)
-    return {"loss": total, **named_parts(per_head)}
+    fc1, short = per_head[full_width], [per_head[w] for w in per_head if w != full_width]
+    if not short:  # stages 1-2: eq. (4) for FC1, whichever the average
+        loss = weighted(fc1)
+    elif head_average == "all":
+        loss = weighted(fc1, ("cos",)) + sum(weighted(h, ("sim", "resim")) for h in [fc1, *short]) / (1 + len(short))
+    else:
+        loss = weighted(fc1) + sum(weighted(h, ("sim", "resim")) for h in short) / len(short)
+    return {"loss": loss, **named_parts(per_head)}
 
 
 def image_distill_loss(image: dict[int, Tensor], caption: dict[int, Tensor]) -> dict[str, Tensor]:
     """The loss of stage 4 (paper 2.5): every FC head h gives a student vector for each image and a teacher
     vector for its caption (from the frozen text side, so detached); eq. (4) per head, all three parts since the
-    widths match, averaged over the heads:
+    widths match, averaged over the heads ("three losses, which are then averaged": this repository reads it as the
+    mean of eq. (4) over the heads):
 
         L = 1/|heads| sum_h L_4(S_h(images), S_h(captions))
 
     image, caption: {width: (m, width) unit rows}, the same widths.
+
+        >>> jasper.image_distill_loss(model(pixel_values=pixels), captions)["loss"]
+
     Returns {"loss": mean over heads, "{width}_{part}": each unweighted part of each head}.
     """
     if sorted(image) != sorted(caption):
         raise ValueError(f"image heads {sorted(image)} and caption heads {sorted(caption)} differ")
-    per_head = {width: distill_loss(image[width], caption[width].detach()) for width in image}
-    total = sum(parts["loss"] for parts in per_head.values()) / len(per_head)
+    check_vectors(**{f"image {w}": v for w, v in image.items()}, **{f"caption {w}": v for w, v in caption.items()})
+    per_head = {width: head_parts(image[width], caption[width].detach()) for width in image}
+    total = sum(weighted(parts) for parts in per_head.values()) / len(per_head)
     return {"loss": total, **named_parts(per_head)}
 
 
@@ -258,7 +298,7 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
         raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match the "
                          f"hidden states {tuple(hidden.shape[:2])}")
     counts = attention_mask.sum(dim=1)  # (B,)
-    if (counts == 0).any():
+    if not isinstance(counts, FakeTensor) and (counts == 0).any():  # the memory plan's fake tensors have no values
         raise ValueError(f"empty text: rows {counts.eq(0).nonzero().flatten().tolist()} have no tokens")
     mask = attention_mask.unsqueeze(-1).float()  # (B, L, 1)
     return (hidden.float() * mask).sum(dim=1) / counts.unsqueeze(-1).float()
@@ -418,8 +458,9 @@ class Jasper(nn.Module):
         self.config = replace(self.config, vision_encoder=spec, pooler=pooler, image_tokens=image_tokens)
         self.vision = load_vision_encoder(spec)
         self.pooler = make_pooler(pooler, self.vision.config.hidden_size, self.text.config.hidden_size, image_tokens)
-        self.vision.to(self.fc1.weight.device)
-        self.pooler.to(self.fc1.weight.device)
+        if self.vision.device != self.fc1.weight.device:  # the text side may be on a GPU already
+            self.vision.to(self.fc1.weight.device)
+            self.pooler.to(self.fc1.weight.device)
 
     def embed_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(B, L) token ids and mask -> (B, H) mean-pooled hidden states."""
@@ -458,15 +499,42 @@ class Jasper(nn.Module):
         return {int(d): F.normalize(head(pooled.to(head.weight.dtype)).float(), dim=-1)
                 for d, head in self.heads.items()}
 
-    def save_pretrained(self, path: str | Path, prompts: dict[str, str] | None = None) -> None:
-        """A folder that from_pretrained loads exactly and sentence-transformers loads too (saving.py)."""
-        import saving
-        saving.save(self, path, prompts)
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the model to a folder that from_pretrained loads exactly:
+
+            path/text/                 the language model (a transformers folder; its tokenizer belongs there too)
+            path/vision/               the vision encoder, once stage 4 has added one
+            path/jasper.safetensors    the FC heads, and the pooler's weights where it has any
+            path/jasper_config.json    JasperConfig, with text/ and vision/ as the encoders
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.text.save_pretrained(path / "text")
+        if self.vision is not None:
+            self.vision.save_pretrained(path / "vision")
+        own = {k: v.detach().contiguous() for k, v in self.state_dict().items()
+               if not k.startswith(("text.", "vision."))}
+        save_file(own, path / "jasper.safetensors")
+        config = replace(self.config, text_encoder="text", vision_encoder=None if self.vision is None else "vision")
+        (path / "jasper_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "Jasper":
-        import saving
-        return saving.load(path)
+        """The model save_pretrained wrote to `path`, exactly."""
+        path = Path(path)
+        if not (path / "jasper_config.json").is_file():
+            raise FileNotFoundError(f"{path} has no jasper_config.json; is it a Jasper.save_pretrained folder?")
+        fields = json.loads((path / "jasper_config.json").read_text())
+        fields["text_encoder"] = str(path / fields["text_encoder"])
+        if fields["vision_encoder"] is not None:
+            fields["vision_encoder"] = str(path / fields["vision_encoder"])
+        model = cls(JasperConfig(**fields))
+        missing, unexpected = model.load_state_dict(load_file(path / "jasper.safetensors"), strict=False)
+        missing = [k for k in missing if not k.startswith(("text.", "vision."))]
+        if missing or unexpected:
+            raise ValueError(f"{path}/jasper.safetensors does not match jasper_config.json: "
+                             f"missing {missing}, unexpected {unexpected}")
+        return model
 
 
 # ----------------------------------------------------------------------------- the stage plan

@@ -4,25 +4,36 @@
     presets.load("paper")          # the paper's setting (section 3.1): Stella 1.5B distilled from NV-Embed-v2 + Stella
     presets.load("run.json")       # a file: {"base": "toy" | "paper", any field below: its new value, ...}
 
-train.py, teachers.py and evaluate.py read the same preset, and the command line can swap the student, the
-teachers and the corpus of any preset (`--student`, `--teacher NAME=MODEL[@WIDTH]`, `--corpus`). This module
-needs nothing of the training stack, so teachers.py can run in the teachers' own environment.
+train.py, train_minimal.py, teachers.py and evaluate.py read the same preset. Every field is declared once, below:
+its type checks a preset file (Preset is a pydantic dataclass, which validates itself), and the command line gets an
+option for each plain field (`--max-length 256`, `--gradient-checkpointing`, `--steps 100` for the stage's plan),
+with the field's note as its help. `--teacher NAME=MODEL[@WIDTH]` swaps the teachers. This module needs nothing of
+the training stack, so teachers.py can run in the teachers' own environment.
 """
 
 import argparse
 import json
-import os
-import sys
 import types
 import typing
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, field, fields, replace
 from pathlib import Path
 
+from pydantic import ConfigDict, ValidationError
+from pydantic.dataclasses import dataclass
+
 import data
-from data import InputError
+import toy_data
+from commands import InputError
+
+STRICT = ConfigDict(extra="forbid")  # an unknown field is an error, not a silent no-op
 
 
-@dataclass(frozen=True)
+def note(text: str, default=MISSING, default_factory=MISSING):
+    """A field with its note: the help of its command-line option."""
+    return field(default=default, default_factory=default_factory, metadata={"help": text})
+
+
+@dataclass(frozen=True, config=STRICT)
 class Teacher:
     """A frozen embedding model as the target needs it: which model, the width it must give, and the prompt it puts
     before each kind of text (data.KINDS: "query", "symmetric"; a kind it names no prompt for goes in as it is;
@@ -35,42 +46,55 @@ class Teacher:
     append_eos: bool = False  # NV-Embed-v2's card appends the tokenizer's EOS token to every text
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class StagePlan:
-    batch_size: int  # global: summed over all ranks
-    lr: float
-    steps: int
+    batch_size: int = note("texts (stage 4: image-caption pairs) each loss compares: the paper's batch per GPU")
+    lr: float = note("the peak learning rate")
+    steps: int = note("optimizer steps; the stage stops and saves after the last")
+    schedule_steps: int | None = note("the warmup-then-cosine schedule's length, if not `steps`: the learning rate "
+                                      "reaches 0 there", None)
+    gradient_checkpointing: bool = note("recompute the encoders' activations in backward (less memory)", False)
+    cached_gradients: bool = note("two passes per loss batch: vectors without a graph, the loss's gradient for them, "
+                                  "then chunk by chunk with a graph (activation memory of one chunk)", False)
+
+    @property
+    def schedule_length(self) -> int:
+        return self.schedule_steps or self.steps
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class Preset:
     name: str
-    student: str  # the base text encoder (hub id or folder)
-    teachers: tuple[Teacher, ...]
-    corpus: str  # see data.corpus_rows: "toy", "paper", "paper:DIR", "jasper", "jasper:DIR", a .jsonl file, a name
-    mrl_dims: tuple[int, ...]  # FC2-FC4, added in stage 3
-    max_length: int
-    n_texts: int
-    heldout: int  # the last `heldout` texts are never trained on
-    stages: dict[int, StagePlan]
-    prompts: dict[str, str] = field(default_factory=lambda: dict(data.STELLA_PROMPTS))  # the student's, by kind
-    loss_batch: str = "global"  # what L_sim and L_resim compare: the "global" batch (all ranks) or each "rank"'s
-    warmup_share: float = 0.1  # linear warmup over this share of a stage's steps, then cosine decay to 0
-    weight_decay: float = 0.01  # AdamW's, on every weight but biases and normalization weights
-    vector_dropout: float = 0.0  # dropout on the pooled vector before the FC heads, while training
-    checkpoint_every: int = 50
-    log_every: int = 1
-    forward_chunk: int = 8  # texts per forward pass on a rank (length-sorted, so each pads little)
-    gradient_checkpointing: bool = False
-    teacher_batch: int = 64  # texts per teacher forward pass
-    chunk_rows: int = 256  # texts per unit of resumable teacher work
+    student: str | dict = note("the base text encoder: hub id or folder (or a config dict: random weights)")
+    teachers: tuple[Teacher, ...] = note("the frozen teachers; the target is their vectors, concatenated")
+    corpus: str = note("the training texts: toy, paper, paper:DIR, jasper, jasper:DIR, FILE.jsonl or a datasets name "
+                       "(data.corpus_rows)")
+    mrl_dims: tuple[int, ...] = note("the short MRL heads FC2-FC4 that stage 3 adds")
+    max_length: int = note("tokens per text; longer texts are cut")
+    n_texts: int = note("texts in the corpus (a new --out)")
+    heldout: int = note("the last texts of the corpus, never trained on")
+    stages: dict[int, StagePlan] = note("each stage's batch, learning rate and steps")
+    prompts: dict[str, str] = note("the student's prompt for each kind of text",
+                                   default_factory=lambda: dict(data.STELLA_PROMPTS))
+    loss_batches: int = note("loss batches per optimizer step: the paper's 8 GPUs each compute the losses over their "
+                             "own batch; fewer ranks accumulate, more share a loss batch", 1)
+    head_average: str = note("stage 3: which heads' 200 L_sim + 20 L_resim are averaged: all (the release) or short "
+                             "(FC1 keeps its eq. 4; jasper.text_distill_loss)", "all")
+    warmup_share: float = note("linear warmup over this share of the schedule, then cosine decay to 0", 0.1)
+    weight_decay: float = note("AdamW's, on every weight but biases and normalization weights", 0.01)
+    vector_dropout: float = note("dropout on the pooled vector before the FC heads, while training", 0.0)
+    checkpoint_every: int = note("steps between resumable checkpoints", 50)
+    log_every: int = note("steps between rows of log.csv", 1)
+    forward_chunk: int = note("texts (images) per forward pass on a rank, length-sorted so each pads little", 8)
+    teacher_batch: int = note("texts per teacher forward pass", 64)
+    chunk_rows: int = note("texts per unit of resumable teacher work", 256)
     # stage 4 (paper 2.5): a vision encoder learns to put images where the text side puts their captions
-    vision_encoder: str | dict | None = None  # hub id / folder, or a SigLIP vision config (random init)
-    pooler: str = "average"  # jasper.POOLERS: "average" (the release's, no weights) or "mlp" (grid average + MLP)
-    image_tokens: int = 300  # the image's length in the language model
-    captions: str = "shapes"  # "shapes" (drawn, data.ShapeScenes), "infinity-mm" (the hub) or a folder of its tars
-    n_pairs: int = 0  # image-caption pairs, the last `heldout_pairs` never trained on
-    heldout_pairs: int = 0
+    vision_encoder: str | dict | None = note("stage 4's vision tower: hub id, folder or SigLIP config", None)
+    pooler: str = note("vision tokens to image tokens: average (the release's, no weights) or mlp", "average")
+    image_tokens: int = note("the image's length in the language model", 300)
+    captions: str = note("stage 4's pairs: shapes (drawn), infinity-mm (the hub) or a folder of its tars", "shapes")
+    n_pairs: int = note("image-caption pairs, the last heldout_pairs never trained on", 0)
+    heldout_pairs: int = note("image-caption pairs kept for the held-out scores", 0)
 
 
 # A small SigLIP vision tower, randomly initialized (no small pretrained one ships offline): 64 x 64
@@ -83,92 +107,56 @@ TOY_VISION = dict(model_type="siglip_vision_model", image_size=64, patch_size=8,
 # "Instruct: ...\nQuery: " format: Stella's card defines one for retrieval-like queries and one for symmetric
 # texts, and both teachers get those two. NV-Embed-v2's card appends the EOS token to every text.
 STELLA = "dunzhang/stella_en_1.5B_v5"
+SIGLIP = "google/siglip-so400m-patch14-384"
 PAPER_TEACHERS = (Teacher("nv_embed_v2", "nvidia/NV-Embed-v2", 4096, dict(data.STELLA_PROMPTS), append_eos=True),
                   Teacher("stella", STELLA, 8192, dict(data.STELLA_PROMPTS)))
 
 
-def named(name: str) -> Preset:
+def builtin(name: str) -> Preset:
     if name == "toy":
         # mirrors the paper: the student starts from one of its teachers (there: Stella; here: MiniLM). The toy
         # teachers' cards define no prompt, so they read every text as it is; the student keeps Stella's prompts.
-        minilm = data.all_minilm_l6_v2()
+        minilm = toy_data.all_minilm_l6_v2()
         return Preset(name="toy", student=minilm,
-                      teachers=(Teacher("minilm", minilm, 384), Teacher("mpnet", data.all_mpnet_base_v2(), 768)),
+                      teachers=(Teacher("minilm", minilm, 384), Teacher("mpnet", toy_data.all_mpnet_base_v2(), 768)),
                       corpus="toy", mrl_dims=(256, 128, 64), max_length=128, n_texts=6000, heldout=200,
                       stages={1: StagePlan(32, 2e-3, 2000), 2: StagePlan(32, 1e-4, 150), 3: StagePlan(32, 5e-5, 200),
                               4: StagePlan(32, 3e-3, 400)},
-                      teacher_batch=16,  # on a 2-core CPU all-mpnet-base-v2 reads 16 texts at a time 1.3x faster than 64
+                      # on a 2-core CPU all-mpnet-base-v2 reads 16 texts at a time 1.3x faster than 64
+                      teacher_batch=16,
                       chunk_rows=2048,  # the teachers sort each chunk by length: long chunks pad little
                       vision_encoder=TOY_VISION, pooler="average", image_tokens=16, captions="shapes", n_pairs=13_000,
                       heldout_pairs=200)
     if name == "paper":
-        # the official training code (RAG-Retrieval) computes the losses within each process, decays all weights
-        # but biases and norms by 0.01 and warms up over 5%; the released config has vector_dropout_p 0.2 and
-        # pools SigLIP's 27 x 27 = 729 patch tokens to num_img_tokens 300 at the LM's width
+        # section 3.1's batches are per GPU, on 8 GPUs: each loss compares 128 texts (stage 4: 90 pairs) and a step
+        # follows 8 of them. The official training code (RAG-Retrieval) decays all weights but biases and norms by
+        # 0.01, warms up over 5% and averages L_sim and L_resim over all heads; the released config has
+        # vector_dropout_p 0.2 and pools SigLIP's 27 x 27 = 729 patch tokens to num_img_tokens 300 at the LM's width.
+        # The paper selected the checkpoints at 4000 / 7000 / 2200 / 3500 steps; each schedule spans one pass over
+        # the data, as the release's spans its epochs (docs/decisions.md, "The schedule").
+        n_texts, heldout, n_pairs, heldout_pairs = 8_000_000, 10_000, 8 * 90 * 3500 + 2000, 2000
+        text_pass = -(-(n_texts - heldout) // (8 * 128))  # 7,803 steps
         return Preset(name="paper", student=STELLA, teachers=PAPER_TEACHERS, corpus="paper",
-                      mrl_dims=(1024, 512, 256), max_length=512, n_texts=8_000_000, heldout=10_000,
-                      # the paper's batch sizes are per GPU (stage 4's 90 cannot be split over 8 GPUs): x 8 here
-                      stages={1: StagePlan(8 * 128, 1e-4, 4000), 2: StagePlan(8 * 128, 8e-5, 7000),
-                              3: StagePlan(8 * 128, 7e-5, 2200), 4: StagePlan(8 * 90, 1e-4, 3500)},
-                      loss_batch="rank", warmup_share=0.05, weight_decay=0.01, vector_dropout=0.2,
-                      checkpoint_every=500, log_every=10, forward_chunk=16, teacher_batch=128, chunk_rows=8192,
-                      vision_encoder="google/siglip-so400m-patch14-384", pooler="average", image_tokens=300,
-                      captions="infinity-mm", n_pairs=8 * 90 * 3500 + 2000, heldout_pairs=2000)
+                      mrl_dims=(1024, 512, 256), max_length=512, n_texts=n_texts, heldout=heldout,
+                      # memory: what fits 8 x 48 GB with the least recomputation (memory_plan.py, docs/paper-scale.md)
+                      stages={1: StagePlan(128, 1e-4, 4000, text_pass), 2: StagePlan(128, 8e-5, 7000, text_pass),
+                              3: StagePlan(128, 7e-5, 2200, text_pass, gradient_checkpointing=True),
+                              4: StagePlan(90, 1e-4, 3500, gradient_checkpointing=True)},
+                      loss_batches=8, head_average="all", warmup_share=0.05, weight_decay=0.01, vector_dropout=0.2,
+                      checkpoint_every=500, log_every=10, forward_chunk=16,
+                      teacher_batch=128, chunk_rows=8192, vision_encoder=SIGLIP, pooler="average", image_tokens=300,
+                      captions="infinity-mm", n_pairs=n_pairs, heldout_pairs=heldout_pairs)
     raise InputError(f"unknown preset {name!r}: toy, paper, or a .json file")
 
 
 # ----------------------------------------------------------------------------- preset files
 
-def conforms(value, expected) -> bool:
-    """Whether a JSON value fits a field's annotation (int, float, str, bool, X | None, tuple[int, ...], dict[K, V])."""
-    origin, args = typing.get_origin(expected), typing.get_args(expected)
-    if origin in (typing.Union, types.UnionType):
-        return any(conforms(value, a) for a in args)
-    if expected is type(None):
-        return value is None
-    if expected is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if expected is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin is tuple:
-        return isinstance(value, list) and all(conforms(v, args[0]) for v in value)
-    if origin is dict:
-        return isinstance(value, dict) and all(conforms(v, args[1]) for v in value.values())
-    return isinstance(value, origin or expected)
-
-
-def described(expected) -> str:
-    """An annotation in the words of JSON: "int | None", "a list of int", "an object of str"."""
-    origin, args = typing.get_origin(expected), typing.get_args(expected)
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(described(a) for a in args)
-    if origin is tuple:
-        return f"a list of {described(args[0])}"
-    if origin is dict:
-        return f"an object of {described(args[1])}"
-    return "null" if expected is type(None) else "an object" if expected is dict else expected.__name__
-
-
-def checked(cls, values, where: str) -> dict:
-    """`values` (a JSON object) as keyword arguments of the dataclass `cls`: every key one of its fields, every
-    value of that field's type; otherwise InputError naming the field."""
-    if not isinstance(values, dict):
-        raise InputError(f"{where}: expected an object, got {json.dumps(values)[:60]}")
-    types_ = typing.get_type_hints(cls)
-    unknown = sorted(set(values) - set(types_))
-    if unknown:
-        raise InputError(f"{where}: unknown fields {unknown}")
-    for name, value in values.items():
-        if not conforms(value, types_[name]):
-            raise InputError(f"{where}: field {name!r} must be {described(types_[name])}, got {json.dumps(value)[:60]}")
-    return values
-
-
 def load(spec: str) -> Preset:
-    """A named preset, or a JSON file {"base": name, field: value, ...} that changes some of its fields. A file that
-    cannot serve (not JSON, an unknown field, a value of the wrong type) raises InputError naming the problem."""
+    """A built-in preset, or a JSON file {"base": name, field: value, ...} that changes some of its fields (a stage's
+    plan field by field: {"stages": {"3": {"steps": 100}}}). A file that cannot serve (not JSON, an unknown field, a
+    value of the wrong type) raises InputError naming the problem."""
     if not spec.endswith(".json"):
-        return named(spec)
+        return builtin(spec)
     path = Path(spec)
     if not path.is_file():
         raise InputError(f"no preset file {spec}")
@@ -178,36 +166,77 @@ def load(spec: str) -> Preset:
         raise InputError(f"{spec}: not valid JSON ({error.msg} at line {error.lineno})") from None
     if not isinstance(changes, dict):
         raise InputError(f"{spec}: expected an object of preset fields")
-    base = named(changes.pop("base", "toy"))
-    checked(Preset, {k: v for k, v in changes.items() if k not in ("teachers", "stages")}, spec)
-    if "teachers" in changes:
-        if not isinstance(changes["teachers"], list):
-            raise InputError(f"{spec}: field 'teachers' must be a list of teachers")
-        changes["teachers"] = tuple(Teacher(**checked(Teacher, t, f"{spec}: teachers[{k}]"))
-                                    for k, t in enumerate(changes["teachers"]))
-    if "stages" in changes:
-        if not isinstance(changes["stages"], dict) or not set(changes["stages"]) <= {"1", "2", "3", "4"}:
-            raise InputError(f"{spec}: stages are 1, 2, 3 and 4, not {sorted(changes['stages'])}")
-        changes["stages"] = {**base.stages, **{int(k): replace(base.stages[int(k)], **checked(
-            StagePlan, v, f"{spec}: stages[{k}]")) for k, v in changes["stages"].items()}}
-    if "mrl_dims" in changes:
-        changes["mrl_dims"] = tuple(changes["mrl_dims"])
-    return replace(base, name=str(path), **changes)
+    base = builtin(changes.pop("base", "toy"))
+    stages, stage_changes = dict(base.stages), changes.pop("stages", {})
+    if not isinstance(stage_changes, dict):
+        raise InputError(f"{spec}: field 'stages' must be an object of stages, got {json.dumps(stage_changes)[:60]}")
+    for key, plan in stage_changes.items():
+        if key not in ("1", "2", "3", "4") or not isinstance(plan, dict):
+            raise InputError(f"{spec}: stages are \"1\" to \"4\", each an object of plan fields, not {key!r}")
+        stages[int(key)] = validated(replace, f"{spec}: stages[{key}]", base.stages[int(key)], **plan)
+    return validated(replace, spec, base, name=str(path), stages=stages, **changes)
+
+
+def validated(make, where: str, *args, **kwargs):
+    """make(*args, **kwargs) -> a Preset or StagePlan; pydantic's first complaint becomes one line naming the field."""
+    try:
+        return make(*args, **kwargs)
+    except ValidationError as error:
+        problem = error.errors()[0]
+        place = ".".join(str(part) for part in problem["loc"])
+        raise InputError(f"{where}: field {place!r}: {problem['msg']}, got {json.dumps(problem['input'])[:60]}") \
+            from None
+    except TypeError as error:  # dataclasses.replace with a name that is no field
+        raise InputError(f"{where}: {error}") from None
 
 
 # ----------------------------------------------------------------------------- the command line
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options that choose a preset and swap its models and texts (train.py and teachers.py)."""
+def plain_type(annotation):
+    """The int, float, str or bool a field's value can be given as on the command line (`str | dict`: str), or None."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else [annotation]
+    plain = [option for option in options if option in (int, float, str, bool)]
+    return plain[0] if len(plain) == 1 else None
+
+
+def option_fields(cls) -> list:
+    return [f for f in fields(cls) if f.metadata.get("help") and plain_type(typing.get_type_hints(cls)[f.name])]
+
+
+def add_arguments(parser: argparse.ArgumentParser, plan: bool = True) -> None:
+    """--preset, --teacher, and an option for every plain field of Preset and (plan=True) of a stage's StagePlan."""
     parser.add_argument("--preset", default="toy", help="toy, paper, or a .json file (see presets.py)")
-    parser.add_argument("--student", help="another base student (hub id or folder)")
     parser.add_argument("--teacher", action="append", metavar="NAME=MODEL[@WIDTH]",
-                        help="another teacher, repeatable; these replace the preset's teachers. A sentence-transformers "
-                             "model (hub id or folder), optionally with the width it must give")
-    parser.add_argument("--corpus", help="other training texts: a .jsonl file of {\"text\", \"kind\"} rows, "
-                                         "jasper[:DIR] (the authors' released texts) or a datasets name")
-    parser.add_argument("--n-texts", type=int, help="override the corpus size (a new --out)")
-    parser.add_argument("--heldout", type=int, help="override the number of held-out texts")
+                        help="another teacher, repeatable; these replace the preset's teachers. A "
+                             "sentence-transformers model (hub id or folder), optionally with the width it must give")
+    for cls in (Preset, StagePlan) if plan else (Preset,):
+        hints = typing.get_type_hints(cls)
+        for f in option_fields(cls):
+            kind = plain_type(hints[f.name])
+            flag = "--" + f.name.replace("_", "-")
+            if kind is bool:
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
+            else:
+                parser.add_argument(flag, type=kind, help=f.metadata["help"])
+
+
+def from_arguments(args: argparse.Namespace, stage: int | None = None) -> tuple[Preset, StagePlan | None]:
+    """The preset with the command line's changes, and the stage's plan with its own (None without a stage)."""
+    preset = load(args.preset)
+    changes = {f.name: getattr(args, f.name) for f in option_fields(Preset) if getattr(args, f.name) is not None}
+    if args.teacher:
+        changes["teachers"] = tuple(parse_teacher(t) for t in args.teacher)
+        if len({t.name for t in changes["teachers"]}) != len(changes["teachers"]):
+            raise InputError(f"teacher names must differ: {[t.name for t in changes['teachers']]}")
+    if "student" in changes:
+        check_model(changes["student"], "--student")
+    preset = validated(replace, "the command line", preset, **changes)
+    if stage is None:
+        return preset, None
+    plan_changes = {f.name: getattr(args, f.name) for f in option_fields(StagePlan)
+                    if getattr(args, f.name) is not None}
+    return preset, validated(replace, "the command line", preset.stages[stage], **plan_changes)
 
 
 def check_model(spec: str, flag: str) -> str:
@@ -228,23 +257,23 @@ def parse_teacher(spec: str) -> Teacher:
     return Teacher(name, check_model(model, f"--teacher {name}"), int(width) if at else None)
 
 
-def run_command(command: str, main) -> None:
-    """Run a command's main(): a bad input (InputError) ends it in one line on stderr, from rank 0 only, with exit
-    code 2 and no traceback."""
-    try:
-        main()
-    except InputError as error:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"{command}: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+# ----------------------------------------------------------------------------- what a preset's specs name
+
+def corpus_rows(preset: Preset, seed: int) -> list[tuple[str, str]]:
+    """The (text, kind) rows of the preset's corpus: the toy's from toy_data, any other through data.corpus_rows."""
+    if preset.corpus == "toy":
+        return toy_data.toy_corpus(preset.n_texts, seed)
+    return data.corpus_rows(preset.corpus, preset.n_texts, seed)
 
 
-def from_arguments(args: argparse.Namespace) -> Preset:
-    """The preset with the command line's swaps and sizes applied."""
-    p = load(args.preset)
-    teachers = tuple(parse_teacher(t) for t in args.teacher) if args.teacher else None
-    if teachers and len({t.name for t in teachers}) != len(teachers):
-        raise InputError(f"teacher names must differ: {[t.name for t in teachers]}")
-    changes = dict(student=args.student and check_model(args.student, "--student"), teachers=teachers,
-                   corpus=args.corpus, n_texts=args.n_texts, heldout=args.heldout)
-    return replace(p, **{k: v for k, v in changes.items() if v is not None})
+def image_caption_pairs(preset: Preset, seed: int):
+    """Stage 4's pairs, indexable: i -> (PIL image, caption): drawn shapes, Infinity-MM's captions from the hub,
+    or a folder of tars in Infinity-MM's webdataset format."""
+    if preset.captions == "shapes":
+        return toy_data.ShapeScenes(preset.n_pairs, seed, size=preset.vision_encoder["image_size"])
+    if preset.captions == "infinity-mm":
+        return data.infinity_mm_captions(preset.n_pairs)
+    tars = sorted(str(f) for f in Path(preset.captions).glob("*.tar"))
+    if not tars:
+        raise InputError(f"captions: {preset.captions} is neither shapes, infinity-mm nor a folder of .tar files")
+    return data.infinity_mm_captions(preset.n_pairs, "webdataset", name=None, data_files=tars)

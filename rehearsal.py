@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 import data
+import toy_data
 
 # Stella v5 (Qwen2-1.5B): hidden 1536, 28 layers, 12 heads, 2 key-value heads, MLP 8960; here about 1/24 wide
 STELLA_SHAPE = dict(model_type="qwen2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -37,7 +38,8 @@ STELLA_WIDTHS, STELLA_DEFAULT, NV_EMBED_WIDTH = (16, 32, 64), 16, 32
 
 
 # Qwen2's tokenizer pipeline (transformers' Qwen2Tokenizer): NFC, this split, then bytes as characters
-QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 
 def qwen2_style_tokenizer(folder: Path, vocab_size: int = 4096) -> int:
@@ -50,12 +52,13 @@ def qwen2_style_tokenizer(folder: Path, vocab_size: int = 4096) -> int:
         pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tokenizer.decoder = decoders.ByteLevel()
-    documents, queries = data.toy_sources(seed=0)
+    documents, queries = toy_data.toy_sources(seed=0)
     tokenizer.train_from_iterator(documents + queries, trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     saved = json.loads(tokenizer.to_str())
-    saved["model"]["merges"] = [" ".join(m) if isinstance(m, list) else m for m in saved["model"]["merges"]]  # 0.19's form
+    # tokenizers 0.19's form of the merges
+    saved["model"]["merges"] = [" ".join(m) if isinstance(m, list) else m for m in saved["model"]["merges"]]
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "tokenizer.json", saved)
     write_json(folder / "tokenizer_config.json", {
@@ -85,7 +88,8 @@ def sentence_transformer_folder(folder: Path, hidden: int, dense_widths: tuple[i
     torch.manual_seed(seed)
     (folder / "1_Pooling").mkdir(parents=True, exist_ok=True)
     modes = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")
-    write_json(folder / "1_Pooling" / "config.json", {"word_embedding_dimension": hidden, "include_prompt": include_prompt,
+    write_json(folder / "1_Pooling" / "config.json", {"word_embedding_dimension": hidden,
+                                                      "include_prompt": include_prompt,
                                                       **{f"pooling_mode_{m}": m == "mean_tokens" for m in modes}})
     for width in dense_widths:
         dense = folder / f"2_Dense_{width}"
@@ -99,7 +103,8 @@ def sentence_transformer_folder(folder: Path, hidden: int, dense_widths: tuple[i
     modules = [("Transformer", ""), ("Pooling", "1_Pooling")]
     modules += [("Dense", f"2_Dense_{default}")] if default else []
     modules += [("Normalize", "3_Normalize")] if normalize else []
-    write_json(folder / "modules.json", [{"idx": k, "name": str(k), "path": path, "type": f"sentence_transformers.models.{kind}"}
+    write_json(folder / "modules.json", [{"idx": k, "name": str(k), "path": path,
+                                          "type": f"sentence_transformers.models.{kind}"}
                                          for k, (kind, path) in enumerate(modules)])
     write_json(folder / "sentence_bert_config.json", {"max_seq_length": 512, "do_lower_case": False})
     return folder
@@ -142,12 +147,12 @@ def write_sources(folder: Path, n_texts: int, n_pairs: int, image_size: int) -> 
     """Real text in the format of the authors' released texts, and drawn image-caption pairs in Infinity-MM's."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    texts = [text for text, _ in data.make_corpus(*data.toy_sources(seed=0), n_texts, seed=0)]
+    texts = [text for text, _ in toy_data.toy_corpus(n_texts, seed=0)]
     (folder / "jasper" / "data").mkdir(parents=True, exist_ok=True)
     for part, rows in enumerate((texts[:n_texts // 2], texts[n_texts // 2:])):
         pq.write_table(pa.table({"text": rows}), folder / "jasper" / "data" / f"train-{part:05d}-of-00002.parquet")
     (folder / "infinity-mm").mkdir(parents=True, exist_ok=True)
-    scenes = data.ShapeScenes(n_pairs, seed=0, size=image_size)
+    scenes = toy_data.ShapeScenes(n_pairs, seed=0, size=image_size)
     webdataset_tar(folder / "infinity-mm" / "00000.tar", (scenes[i] for i in range(n_pairs)))
 
 
@@ -164,7 +169,8 @@ def make(out: Path) -> Path:
                            {"name": "stella", "model": str(stella), "dim": max(STELLA_WIDTHS),
                             "prompts": data.STELLA_PROMPTS}],
               "corpus": f"jasper:{sources / 'jasper'}", "n_texts": 240, "heldout": 48, "mrl_dims": [48, 24, 12],
-              "stages": {str(s): {"batch_size": 16, "steps": 4} for s in (1, 2, 3, 4)},
+              "stages": {str(s): {"batch_size": 16, "steps": 4, "schedule_steps": None} for s in (1, 2, 3, 4)},
+              "loss_batches": 4,  # on 2 ranks: each computes 2 loss batches a step, accumulated
               "checkpoint_every": 2, "log_every": 1, "forward_chunk": 4, "teacher_batch": 16, "chunk_rows": 64,
               "vision_encoder": vision, "image_tokens": 20, "captions": str(sources / "infinity-mm"),
               "n_pairs": 120, "heldout_pairs": 40}

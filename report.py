@@ -122,7 +122,8 @@ def plot(out: Path) -> Path:
     for ax in axes[-1]:
         ax.set_xlabel("step", fontsize=8)
     handles = [plt.Line2D([], [], color="black", lw=1.6, label="eq. (4) total")]
-    handles += [plt.Line2D([], [], color=c, lw=1.6, label=f"{jasper.LOSS_WEIGHTS[p]:g} L_{p}") for p, c in PART_COLOURS.items()]
+    handles += [plt.Line2D([], [], color=c, lw=1.6, label=f"{jasper.LOSS_WEIGHTS[p]:g} L_{p}")
+                for p, c in PART_COLOURS.items()]
     fig.legend(handles=handles, loc="upper center", ncol=4, fontsize=8, frameon=False, bbox_to_anchor=(0.5, 1.0))
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     path = out / "losses.png"
@@ -175,39 +176,50 @@ STAGES = {  # part -> "trains" | "frozen" | "no weights" | None (not there yet),
     2: ({"LM: first layers": "frozen", "LM: last 3 layers": "trains", "mean pool": "no weights", "FC1": "trains"},
         "FC1 vs target:\n10 Lcos + 200 Lsim + 20 Lresim", "the same texts"),
     3: ({"LM: first layers": "trains", "LM: last 3 layers": "trains", "mean pool": "no weights", "FC1": "trains",
-         "FC2-FC4 (MRL)": "trains"}, "FC1: eq. (4);\nFC2-FC4: 200 Lsim + 20 Lresim", "the same texts"),
-    4: ({"vision encoder": "trains", "pooler": "no weights", "LM: first layers": "frozen", "LM: last 3 layers": "frozen",
-         "mean pool": "no weights", "FC1": "frozen", "FC2-FC4 (MRL)": "frozen"},
+         "FC2-FC4 (MRL)": "trains"}, "FC1: Lcos; every head: Lsim,\nLresim vs target, averaged", "the same texts"),
+    4: ({"vision encoder": "trains", "pooler": "no weights", "LM: first layers": "frozen",
+         "LM: last 3 layers": "frozen", "mean pool": "no weights", "FC1": "frozen", "FC2-FC4 (MRL)": "frozen"},
         "every head: image vs caption,\neq. (4), mean over heads", "image-caption pairs"),
 }
+TEACHER_SIDE = {n: "teachers (frozen), once:\nnormalize, concatenate,\nnormalize = target t" for n in (1, 2, 3)}
+TEACHER_SIDE[4] = "the caption through the same\nfrozen LM and heads =\nthe teacher's vectors"
 
 
 def stages_figure(path: Path) -> Path:
-    """The four stages side by side: which parts of the student exist (dotted: not yet), which train (orange) and
-    which are frozen (grey), bottom to top in the order a text or an image flows, with each stage's loss and data
-    below. The target is the teachers' normalized concatenation; in stage 4 the caption's vector from the same head."""
+    """The four stages side by side: the student's parts bottom to top in the order a text or an image flows through
+    them, which exist (dotted: not yet), which train (orange), which are frozen (grey) and which have no weights
+    (white); above them the teacher side each stage compares the heads with; below, the loss and the data."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import FancyBboxPatch
-    colours = {"trains": "#f5a25d", "frozen": "#d9d9d9", "no weights": "white"}
-    fig, axes = plt.subplots(1, 4, figsize=(12, 4.6))
+    colours = {"trains": "#f5a25d", "frozen": "#d9d9d9", "no weights": "white", "teacher": "#cfe2f3"}
+    top = len(STAGE_PARTS)
+    fig, axes = plt.subplots(1, 4, figsize=(12, 5.6))
     for ax, (n, (parts, loss, texts)) in zip(axes, STAGES.items()):
-        ax.set(xlim=(0, 1), ylim=(-2.6, len(STAGE_PARTS)), xticks=[], yticks=[])
+        ax.set(xlim=(0, 1), ylim=(-2.6, top + 2.2), xticks=[], yticks=[])
         ax.axis("off")
         ax.set_title(f"stage {n}", fontsize=12, fontweight="bold")
         for row, part in enumerate(STAGE_PARTS):
             state = parts.get(part)
             ax.add_patch(FancyBboxPatch((0.08, row + 0.12), 0.84, 0.72, boxstyle="round,pad=0.02",
-                                        facecolor=colours.get(state, "white"), edgecolor="black" if state else "#bbbbbb",
-                                        linestyle="-" if state else ":"))
+                                        facecolor=colours.get(state, "white"),
+                                        edgecolor="black" if state else "#bbbbbb", linestyle="-" if state else ":"))
             label = f"{part} (no weights)" if state == "no weights" else part
             ax.text(0.5, row + 0.48, label, ha="center", va="center", fontsize=8.5,
                     color="black" if state else "#aaaaaa")
+        ax.add_patch(FancyBboxPatch((0.08, top + 0.45), 0.84, 1.55, boxstyle="round,pad=0.02",
+                                    facecolor=colours["teacher"], edgecolor="black"))
+        ax.text(0.5, top + 1.22, TEACHER_SIDE[n], ha="center", va="center", fontsize=8)
+        ax.annotate("", xy=(0.5, top - 0.1), xytext=(0.5, top + 0.45),
+                    arrowprops=dict(arrowstyle="<->", color="black", lw=1))
+        ax.text(0.53, top + 0.18, "compared", fontsize=7, va="center")
         ax.text(0.5, -0.55, loss, ha="center", va="center", fontsize=8.5)
         ax.text(0.5, -1.75, texts, ha="center", va="center", fontsize=8.5, style="italic")
-    handles = [plt.Rectangle((0, 0), 1, 1, facecolor=c, edgecolor="black") for c in colours.values()]
-    fig.legend(handles[:2], ["trains", "frozen"], loc="upper right", fontsize=9, frameon=False)
-    fig.suptitle("Jasper's four stages: what trains, the loss, the data", fontsize=12, x=0.4)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    handles = [plt.Rectangle((0, 0), 1, 1, facecolor=colours[k], edgecolor="black") for k in colours]
+    handles.append(plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="#bbbbbb", linestyle=":"))
+    fig.legend(handles, ["trains", "frozen", "no weights", "teacher side", "not there yet"], loc="lower center",
+               fontsize=8.5, frameon=False, ncol=5)
+    fig.suptitle("Jasper's four stages: what trains, against what, the loss, the data", fontsize=12)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -42,8 +42,9 @@ def resim_hinge_sum_counted(s_pairs: Tensor, t_pairs: Tensor, margin: float, tie
         rank = torch.empty(n, dtype=torch.int32, device=s.device)
         rank[by_value] = torch.arange(n, dtype=torch.int32, device=s.device)
         ceiling = s_sorted + margin
-        fewer_than_ceiling = torch.searchsorted(s_sorted, ceiling, out_int32=True).index_select(0, rank)  # #{a : s_a < s_p + margin}
-        at_most = torch.searchsorted(ceiling, s_sorted, right=True, out_int32=True).index_select(0, rank)  # #{b : s_b + margin <= s_p}
+        # #{a : s_a < s_p + margin} and #{b : s_b + margin <= s_p}
+        fewer_than_ceiling = torch.searchsorted(s_sorted, ceiling, out_int32=True).index_select(0, rank)
+        at_most = torch.searchsorted(ceiling, s_sorted, right=True, out_int32=True).index_select(0, rank)
         counts = count_ranks_below(rank, torch.cat([start, end]), torch.cat([fewer_than_ceiling, at_most]))
         below = fewer_than_ceiling - counts[:n]  # the suffix: all ranks below the limit minus the prefix's
         above = end - counts[n:]  # the prefix's ranks not below the limit

@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
+import commands
 import data
 import presets
-from data import InputError
+from commands import InputError
 from presets import Preset, Teacher
-
 
 # ----------------------------------------------------------------------------- a teacher
 
@@ -207,7 +207,8 @@ class TeacherCache:
         for name, encode in encoders.items():
             todo = [c for c in np.flatnonzero(self.done[name] == 0) if c % world_size == rank]
             total = sum(min(rows, self.meta["n"] - c * rows) for c in todo)
-            with tqdm(total=total, desc=f"teacher {name}", unit="text", disable=not todo or rank != 0) as bar:
+            # a bar where someone watches a terminal (disable=None: none in a log file or a notebook)
+            with tqdm(total=total, desc=f"teacher {name}", unit="text", disable=(not todo or rank != 0) or None) as bar:
                 for chunk in todo:
                     start, stop = chunk * rows, min((chunk + 1) * rows, self.meta["n"])
                     index = np.arange(start, stop)
@@ -234,18 +235,22 @@ class TeacherCache:
 
 # ----------------------------------------------------------------------------- the corpus and its vectors
 
-def corpus_recipe(p: Preset, seed: int) -> dict:
-    return {"corpus": p.corpus, "n_texts": p.n_texts, "seed": seed}
+def corpus_recipe(preset: Preset, seed: int) -> dict:
+    return {"corpus": preset.corpus, "n_texts": preset.n_texts, "seed": seed}
 
 
-def data_problem(out: Path, p: Preset, seed: int) -> str | None:
+def data_problem(out: Path, preset: Preset, seed: int) -> str | None:
     """Why OUT/data or OUT/teachers cannot serve this run (another corpus recipe; other teachers, prompts or max
     length), or None. Reads two small JSON files: it runs before anything loads."""
     recipe_file, meta_file = out / "data" / "recipe.json", out / "teachers" / "meta.json"
-    if recipe_file.is_file() and json.loads(recipe_file.read_text()) != corpus_recipe(p, seed):
-        return f"{out}/data was made by {recipe_file.read_text().strip()}, not {corpus_recipe(p, seed)}: use another --out"
-    problem = meta_file.is_file() and cache_problem(json.loads(meta_file.read_text()), p.teachers, p.max_length)
-    return f"the teacher cache {meta_file.parent} cannot serve this run: {problem}; use another --out" if problem else None
+    if recipe_file.is_file() and json.loads(recipe_file.read_text()) != corpus_recipe(preset, seed):
+        return (f"{out}/data was made by {recipe_file.read_text().strip()}, not {corpus_recipe(preset, seed)}: "
+                "use another --out")
+    problem = meta_file.is_file() and cache_problem(json.loads(meta_file.read_text()), preset.teachers,
+                                                    preset.max_length)
+    if problem:
+        return f"the teacher cache {meta_file.parent} cannot serve this run: {problem}; use another --out"
+    return None
 
 
 def barrier() -> None:
@@ -253,17 +258,17 @@ def barrier() -> None:
         dist.barrier()
 
 
-def prepare(out: Path, p: Preset, seed: int, rank: int = 0, world: int = 1,
+def prepare(out: Path, preset: Preset, seed: int, rank: int = 0, world: int = 1,
             device: str | None = None) -> tuple[data.Corpus, TeacherCache]:
     """OUT/data/corpus.arrow and the teachers' vectors for it in OUT/teachers, each built once (by every rank
     together where there is work)."""
     corpus_file = out / "data" / "corpus.arrow"
-    problem = data_problem(out, p, seed)
+    problem = data_problem(out, preset, seed)
     if problem:
         raise InputError(problem)
     if rank == 0 and not corpus_file.is_file():
-        data.save_corpus(data.corpus_rows(p.corpus, p.n_texts, seed), corpus_file)
-        (out / "data" / "recipe.json").write_text(json.dumps(corpus_recipe(p, seed)) + "\n")
+        data.save_corpus(presets.corpus_rows(preset, seed), corpus_file)
+        (out / "data" / "recipe.json").write_text(json.dumps(corpus_recipe(preset, seed)) + "\n")
     barrier()
     corpus = data.Corpus(corpus_file)
 
@@ -271,11 +276,11 @@ def prepare(out: Path, p: Preset, seed: int, rank: int = 0, world: int = 1,
     created = (folder / "meta.json").is_file()
     if created:
         missing = TeacherCache(folder, corpus.hashes).missing_chunks()
-    encoders = {t.name: TeacherEncoder(t, p.max_length, p.teacher_batch, device)
-                for t in p.teachers if not created or t.name in missing}
+    encoders = {t.name: TeacherEncoder(t, preset.max_length, preset.teacher_batch, device)
+                for t in preset.teachers if not created or t.name in missing}
     if rank == 0 and not created:
-        TeacherCache.create(folder, corpus.hashes, [teacher_record(t, encoders[t.name].dim) for t in p.teachers],
-                            p.chunk_rows, p.max_length)
+        TeacherCache.create(folder, corpus.hashes, [teacher_record(t, encoders[t.name].dim) for t in preset.teachers],
+                            preset.chunk_rows, preset.max_length)
     barrier()
     cache = TeacherCache(folder, corpus.hashes)
     cache.fill(corpus, encoders, rank, world)
@@ -285,23 +290,23 @@ def prepare(out: Path, p: Preset, seed: int, rank: int = 0, world: int = 1,
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    presets.add_arguments(ap)
+    presets.add_arguments(ap, plan=False)
     ap.add_argument("--out", type=Path, default=Path("runs/toy"))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    p = presets.from_arguments(args)
-    problem = data_problem(args.out, p, args.seed)
+    preset, _ = presets.from_arguments(args)
+    problem = data_problem(args.out, preset, args.seed)
     if problem:
         raise InputError(problem)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     if world > 1:  # torchrun (or the deepspeed launcher) started W processes: share the chunks
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    corpus, cache = prepare(args.out, p, args.seed, rank, world, device)
+    corpus, cache = prepare(args.out, preset, args.seed, rank, world, device)
     if rank == 0:
         widths = " + ".join(f"{t['name']} {t['dim']}" for t in cache.meta["teachers"])
         print(f"{len(corpus):,} texts, teachers {widths} = a {cache.dim}-d target, in {args.out / 'teachers'}")
 
 
 if __name__ == "__main__":
-    presets.run_command("teachers.py", main)
+    commands.run("teachers.py", main)

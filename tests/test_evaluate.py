@@ -11,9 +11,11 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 from sentence_transformers import SentenceTransformer
 
-import data
 import evaluate
 import jasper
+import metrics
+import toy_data
+from commands import InputError
 
 LIMIT = 40  # STS pairs the run-level tests score
 
@@ -26,14 +28,14 @@ def reference_spearman(model, first, second, gold):
 
 
 def test_sts_benchmark_is_the_published_one():
-    sizes = {split: len(data.sts_benchmark(split)[2]) for split in ("train", "dev", "test")}
+    sizes = {split: len(toy_data.sts_benchmark(split)[2]) for split in ("train", "dev", "test")}
     assert sizes == {"train": 5749, "dev": 1500, "test": 1379}
-    first, second, gold = data.sts_benchmark("test")
+    first, second, gold = toy_data.sts_benchmark("test")
     assert (first[0], second[0], gold[0]) == ("A girl is styling her hair.", "A girl is brushing her hair.", 2.5)
     assert gold.min() == 0 and gold.max() == 5 and all(first) and all(second)
     assert len(set(first) | set(second)) == 2552
     with pytest.raises(ValueError, match="validation"):
-        data.sts_benchmark("validation")
+        toy_data.sts_benchmark("validation")
 
 
 def test_sts_spearman_equals_scipy_on_unnormalized_vectors():
@@ -41,7 +43,8 @@ def test_sts_spearman_equals_scipy_on_unnormalized_vectors():
     first, second = torch.randn(60, 16, generator=g), torch.randn(60, 16, generator=g)
     gold = np.round(np.random.default_rng(0).uniform(0, 5, 60))  # ties, as in STS
     cosines = [float(x @ y / (x.norm() * y.norm())) for x, y in zip(first, second)]
-    assert evaluate.sts_spearman(3 * first, second, gold) == pytest.approx(spearmanr(cosines, gold).statistic, abs=1e-12)
+    expected = spearmanr(cosines, gold).statistic
+    assert evaluate.sts_spearman(3 * first, second, gold) == pytest.approx(expected, abs=1e-12)
 
 
 @pytest.fixture(scope="module")
@@ -65,21 +68,21 @@ def test_every_model_of_the_run_is_scored_at_every_head(tables):
     assert tables["sts_pairs"] == LIMIT
     queries, passages, relevant = evaluate.retrieval_set("test", LIMIT)
     assert tables["retrieval"] == {"queries": LIMIT, "passages": len(passages)} and len(passages) == 3 * LIMIT
-    every = data.wikipedia_retrieval("test")
+    every = toy_data.wikipedia_retrieval("test")
     assert queries == every[0][:LIMIT] and [passages[k] for k in relevant] == [every[1][k] for k in every[2][:LIMIT]]
 
 
 def test_scores_equal_scipy_on_sentence_transformers_vectors(tables, pipeline):
-    first, second, gold = (part[:LIMIT] for part in data.sts_benchmark("test"))
+    first, second, gold = (part[:LIMIT] for part in toy_data.sts_benchmark("test"))
     models = tables["models"]
-    minilm = SentenceTransformer(data.all_minilm_l6_v2())
+    minilm = SentenceTransformer(toy_data.all_minilm_l6_v2())
     assert models["minilm (teacher)"]["sts"]["384"] == pytest.approx(
         reference_spearman(minilm, first, second, gold), abs=1e-6)
     for width in (1152, 64):  # the saved folder as sentence-transformers loads it, FC1 and a swapped-in head
         student = evaluate.sentence_transformer(pipeline / "stage3", None if width == 1152 else width)
         assert models["stage 3"]["sts"][str(width)] == pytest.approx(
             reference_spearman(student, first, second, gold), abs=1e-6)
-    mpnet = SentenceTransformer(data.all_mpnet_base_v2())
+    mpnet = SentenceTransformer(toy_data.all_mpnet_base_v2())
     target = jasper.teacher_target(*(torch.from_numpy(m.encode(first + second)) for m in (minilm, mpnet)))
     cosines = (target[:LIMIT] * target[LIMIT:]).sum(-1).tolist()
     assert models["target"]["sts"]["1152"] == pytest.approx(spearmanr(cosines, gold).statistic, abs=1e-6)
@@ -101,7 +104,7 @@ def test_ndcg_at_10_equals_pytrec_eval():
     queries, passages = torch.randn(40, 8, generator=g), torch.randn(60, 8, generator=g)
     relevant = np.random.default_rng(0).integers(0, 60, 40)
     queries[:10] = passages[relevant[:10]] + 0.1 * torch.randn(10, 8, generator=g)  # some found at rank 1
-    ours = evaluate.ndcg_at_10(queries, passages, relevant)
+    ours = metrics.ndcg_at_10(queries, passages, relevant)
     assert ours == pytest.approx(trec_ndcg_at_10(queries.numpy(), passages.numpy(), relevant), abs=1e-12)
     assert 0.2 < ours < 0.6
 
@@ -110,7 +113,7 @@ def test_retrieval_scores_equal_pytrec_eval_on_sentence_transformers_vectors(tab
     """Queries as they are and with the model's own query prompt (sentence-transformers' prompt_name="query", the
     prompt the stage saved): the run's nDCG@10 equals pytrec_eval's on sentence-transformers' vectors."""
     queries, passages, relevant = evaluate.retrieval_set("test", LIMIT)
-    minilm = SentenceTransformer(data.all_minilm_l6_v2())
+    minilm = SentenceTransformer(toy_data.all_minilm_l6_v2())
     minilm.max_seq_length = 128  # the toy's length, where the run's teachers truncate
     passage_vectors = minilm.encode(passages)
     assert tables["models"]["minilm (teacher)"]["retrieval"]["384"] == pytest.approx(
@@ -128,8 +131,8 @@ def test_instructions_are_scored_for_the_teachers_target_and_last_stage(tables, 
     assert tables["instruction_pairs"] == LIMIT // 8  # every 8th pair
     assert all(list(scores) == ["minilm (teacher)", "mpnet (teacher)", "target", "stage 3"]
                for scores in by_instruction.values())
-    first, second, gold = (part[:LIMIT][::8] for part in data.sts_benchmark("test"))
-    minilm = SentenceTransformer(data.all_minilm_l6_v2())
+    first, second, gold = (part[:LIMIT][::8] for part in toy_data.sts_benchmark("test"))
+    minilm = SentenceTransformer(toy_data.all_minilm_l6_v2())
     student = evaluate.sentence_transformer(pipeline / "stage3")
     for instruction in ("paper's STS instruction", "trained: web search query"):
         prompt = evaluate.INSTRUCTIONS[instruction]
@@ -143,14 +146,15 @@ def test_instructions_are_scored_for_the_teachers_target_and_last_stage(tables, 
 
 def test_gap_closed_is_the_share_of_the_way_from_start_to_target():
     assert evaluate.gap_closed(82.83, 82.03, 83.63) == pytest.approx(0.5)  # half the way
-    assert evaluate.gap_closed(83.63, 82.03, 83.63) == pytest.approx(1.0) and evaluate.gap_closed(82.03, 82.03, 83.63) == 0
+    assert evaluate.gap_closed(83.63, 82.03, 83.63) == pytest.approx(1.0)
+    assert evaluate.gap_closed(82.03, 82.03, 83.63) == 0
     assert evaluate.gap_closed(0.539, 0.571, 0.584) == pytest.approx(-32 / 13)  # below the start: negative
 
 
 def test_lee_pearson_and_gap_closed_equal_plain_loops(tables):
     documents, ratings = evaluate.lee_documents()
     assert len(documents) == 50 and ratings.shape == (50, 50)
-    minilm = SentenceTransformer(data.all_minilm_l6_v2())
+    minilm = SentenceTransformer(toy_data.all_minilm_l6_v2())
     minilm.max_seq_length = 128  # the toy preset's length, where the run's teachers truncate
     vectors = minilm.encode(documents)
     cosines, rated = [], []
@@ -162,7 +166,7 @@ def test_lee_pearson_and_gap_closed_equal_plain_loops(tables):
         pearsonr(cosines, rated).statistic, abs=1e-7)  # float32 cosines in the loop, float64 in lee_pearson
     assert tables["models"]["minilm (teacher)"]["lee"]["384"] == pytest.approx(
         pearsonr(cosines, rated).statistic, abs=1e-5)
-    models, gap = tables["models"], evaluate.ends(tables)
+    models, gap = tables["models"], evaluate.gap_ends(tables)
     assert gap["retrieval"] == (models["start"]["retrieval"]["384"], models["target"]["retrieval_prompted"]["1152"])
     score = models["stage 3"]["retrieval_prompted"]["128"]
     assert f"{(score - gap['retrieval'][0]) / (gap['retrieval'][1] - gap['retrieval'][0]):+.0%}" in \
@@ -187,7 +191,7 @@ def test_mteb_scores_an_in_memory_task_as_we_do(pipeline, tmp_path, name, instru
     from mteb import TaskMetadata
     from mteb.abstasks.sts import AbsTaskSTS
 
-    first, second, gold = (part[:LIMIT] for part in data.sts_benchmark("test"))
+    first, second, gold = (part[:LIMIT] for part in toy_data.sts_benchmark("test"))
 
     class LocalSTS(AbsTaskSTS):
         metadata = TaskMetadata(
@@ -237,5 +241,44 @@ def test_the_papers_benchmark_by_name_with_an_instruction_per_task():
         assert prompts[key] == f"Instruct: {instruction}\nQuery: "
     assert "ArguAna" not in prompts and "ArguAna-document" not in prompts  # documents go in as they are
     assert AbsEncoder.validate_task_to_prompt_name(prompts) == prompts
-    with pytest.raises(data.InputError, match="neither an MTEB task nor a benchmark"):
+    with pytest.raises(InputError, match="neither an MTEB task nor a benchmark"):
         evaluate.mteb_tasks(["MTEB(eng, v9)"])
+
+
+# ----------------------------------------------------------------------------- the metrics (metrics.py)
+
+def test_spearman_equals_a_loop_with_and_without_ties():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(50, generator=g, dtype=torch.float64)
+    b = a + torch.randn(50, generator=g, dtype=torch.float64)
+    gold = torch.randint(0, 6, (50,), generator=g).double()  # STS-like scores 0-5: many ties
+
+    def ranks(x):  # 1 + values below + half the other equal values
+        x = x.tolist()
+        return [1 + sum(y < v for y in x) + (sum(y == v for y in x) - 1) / 2 for v in x]
+
+    def pearson(x, y):
+        mx, my = sum(x) / len(x), sum(y) / len(y)
+        cov = sum((p - mx) * (q - my) for p, q in zip(x, y))
+        return cov / (sum((p - mx) ** 2 for p in x) * sum((q - my) ** 2 for q in y)) ** 0.5
+
+    n = len(a)  # without ties: rho = 1 - 6 sum d^2 / (n (n^2 - 1))
+    rho = 1 - 6 * sum((ra - rb) ** 2 for ra, rb in zip(ranks(a), ranks(b))) / (n * (n * n - 1))
+    assert metrics.spearman(a, b) == pytest.approx(rho, abs=1e-12)
+    assert metrics.spearman(a, -a) == pytest.approx(-1.0)
+    assert metrics.average_ranks(torch.tensor([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
+    assert metrics.spearman(a, gold) == pytest.approx(pearson(ranks(a), ranks(gold)), abs=1e-12)
+
+
+def test_recall_at_1_equals_a_loop_and_counts_equal_captions_alike():
+    captions = ["a", "b", "a", "c", "d"]
+    sim = torch.tensor([[0.1, 0.0, 0.9, 0.0, 0.0],   # image 0 -> caption 2, also "a": a hit
+                        [0.0, 0.2, 0.0, 0.9, 0.0],   # image 1 -> caption 3 ("c"): a miss
+                        [0.5, 0.0, 0.4, 0.0, 0.0],   # image 2 -> caption 0, also "a": a hit
+                        [0.0, 0.0, 0.0, 0.7, 0.0],
+                        [0.0, 0.8, 0.0, 0.0, 0.3]])  # image 4 -> caption 1 ("b"): a miss
+    i2c = sum(captions[int(sim[i].argmax())] == captions[i] for i in range(5)) / 5
+    c2i = sum(captions[int(sim[:, j].argmax())] == captions[j] for j in range(5)) / 5
+    chance = sum(a == b for a in captions for b in captions) / 25
+    assert metrics.recall_at_1(sim, captions) == pytest.approx((i2c, c2i, chance))
+    assert (i2c, c2i, chance) == (0.6, 0.6, 7 / 25)

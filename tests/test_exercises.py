@@ -1,53 +1,82 @@
-"""The notebooks' exercises: every solution passes its check, and a plausible wrong answer fails it."""
+"""The notebooks' exercises: the answer in docs/solutions.md passes every check, a plausible wrong answer fails it
+with the reason, each notebook asks at least two, and no notebook imports the solutions."""
 
-import math
+import ast
+import json
+import re
 
 import pytest
+from conftest import ROOT
+from test_model import TINY_BERT, TINY_QWEN2, build
 
 import exercises
 import jasper
-from test_model import TINY_BERT, TINY_QWEN2, TINY_SIGLIP, build
+
+SOLUTIONS = (ROOT / "docs" / "solutions.md").read_text()
 
 
-def undetached(student, target):  # the right value, but the short heads pull FC1 too
-    fc1 = student[target.shape[1]]
-    short = [200 * jasper.similarity_loss(v, fc1) + 20 * jasper.resim_loss(v, fc1)
-             for width, v in student.items() if width != target.shape[1]]
-    return jasper.distill_loss(fc1, target)["loss"] + sum(short) / len(short)
+def solution(name):
+    """The answer under "### `name`" in docs/solutions.md: a Python value, or the function a code block defines."""
+    section = SOLUTIONS.split(f"### `{name}`", 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    if code:
+        namespace = {"jasper": jasper}
+        exec(code.group(1), namespace)
+        return next(v for k, v in namespace.items() if callable(v) and not k.startswith("_") and k != "jasper")
+    return ast.literal_eval(re.search(r"\*\*Answer:\*\* `(.+?)`", section).group(1))
 
 
 def all_layers(model, k):  # trains every layer, whatever k says
-    exercises.train_last_layers(model, len(jasper.encoder_layers(model.text)))
+    model.requires_grad_(False)
+    for module in (model.fc1, *jasper.encoder_layers(model.text)):
+        module.requires_grad_(True)
 
 
-WRONG = {
-    "target": lambda a, b: jasper.teacher_target(a, b),  # normalizes each teacher first: what the exercise drops
-    "prompts": lambda text, kind, prompts: prompts.get("query", "") + text,  # every kind gets the query prompt
-    "pairs": lambda m: math.comb(m, 2),  # pairs, not pairs of pairs
-    "self-distillation": lambda student, target: undetached(student, target),
-    "trainable": lambda sizes: exercises.trainable_per_stage(sizes) | {2: sizes["FC1"]},  # stage 2 as stage 1
-    "layers": all_layers,
+WRONG = {  # a plausible wrong answer, and a word the explanation must contain
+    "target-cosine": (0.6, "width"),
+    "longer-teacher": (0.5, "normalizing each teacher"),
+    "chunks": ((2, 25), "10 + 10"),
+    "pairs-of-pairs": (8128, "text pairs"),
+    "margin": (0.0, "margin"),
+    "tie": (0.315, "tie"),
+    "fc1-weight": (200, "'short' rule"),
+    "stage4-path": ({"vision encoder"}, "pooler"),
+    "fc1-rises": ("a", "training loss"),
+    "layers": (all_layers, "gradients reached"),
 }
 
 
 def context(name, text):
-    if name not in ("trainable", "layers"):
-        return ()
-    return (build(text=text, vision=TINY_SIGLIP, heads=(48, 24, 12), pooler="mlp", image_tokens=9),)
+    return (build(text=text, heads=(48, 24, 12)),) if name == "layers" else ()
 
 
-@pytest.mark.parametrize("text", [TINY_QWEN2, TINY_BERT], ids=["qwen2", "bert"])
 @pytest.mark.parametrize("name", sorted(exercises.CHECKS))
-def test_each_solution_passes_its_check_and_a_wrong_answer_fails(name, text, capsys):
-    exercises.check(name, exercises.SOLUTIONS[name], *context(name, text))
-    assert capsys.readouterr().out.startswith("correct")
-    with pytest.raises(AssertionError):
-        exercises.check(name, WRONG[name], *context(name, text))
+def test_the_solution_passes_and_a_wrong_answer_fails_with_its_reason(name, capsys):
+    for text in (TINY_QWEN2, TINY_BERT) if name == "layers" else (None,):
+        correct, message = exercises.CHECKS[name](solution(name), *context(name, text))
+        assert correct and message.startswith("correct: ")
+        wrong, reason = WRONG[name]
+        correct, message = exercises.CHECKS[name](wrong, *context(name, text))
+        assert not correct and message.startswith("not yet: ") and reason in message, message
+        exercises.check(name, wrong, *context(name, text))  # what the notebook prints
+        assert capsys.readouterr().out == message + "\n"
 
 
-def test_an_unwritten_exercise_says_it_waits(capsys):
-    def not_yet(m):
-        raise NotImplementedError
-    exercises.check("pairs", not_yet)
-    out = capsys.readouterr().out
-    assert "waits for you" in out and "exercises.pairs_of_pairs" in out
+def test_an_unanswered_exercise_waits(capsys):
+    exercises.check("pairs-of-pairs", ...)
+    assert "waits for you" in capsys.readouterr().out
+
+
+def notebook_code(path) -> str:
+    return "\n".join("".join(cell["source"]) for cell in json.loads(path.read_text())["cells"]
+                     if cell["cell_type"] == "code")
+
+
+@pytest.mark.parametrize("notebook", ["01_data.ipynb", "02_losses.ipynb", "03_stages.ipynb"])
+def test_each_notebook_asks_at_least_two_and_never_imports_the_answers(notebook):
+    code = notebook_code(ROOT / notebook)
+    asked = set(re.findall(r'exercises\.check\("([\w-]+)"', code))
+    assert len(asked) >= 2 and asked <= set(exercises.CHECKS)
+    assert "solutions" not in code and "docs/solutions" not in code
+    for name in asked:  # the notebook leaves the answer to the reader
+        assert f"### `{name}`" in SOLUTIONS

@@ -228,27 +228,60 @@ def heads(m, widths, seed):
     return {w: unit_rows(m, w, seed + k) for k, w in enumerate(widths)}
 
 
+@pytest.mark.parametrize("head_average", ["all", "short"])
 @pytest.mark.parametrize("short_teacher", ["target", "fc1", "both"])
-def test_text_distill_loss_equals_loops(short_teacher):
-    """Stage 3: FC1 against the target plus the mean over the short heads; each short head learns from
-    the target, from FC1's vectors (self-distillation) or the mean of both."""
+def test_text_distill_loss_equals_loops(short_teacher, head_average):
+    """Stage 3, each rule written out: "all" (the release) is 10 L_cos of FC1 plus the mean over every head, FC1
+    included, of 200 L_sim + 20 L_resim; "short" is FC1's eq. (4) plus that mean over the short heads alone. Each short
+    head learns from the target, from FC1's vectors (self-distillation) or the mean of both."""
     student, target = heads(6, [12, 5, 3], 0), unit_rows(6, 12, 9)
     teachers = {"target": [target], "fc1": [student[12]], "both": [target, student[12]]}[short_teacher]
-    short = [sum(eq4_loop(student[w], t) for t in teachers) / len(teachers) for w in (5, 3)]
-    expected = float(eq4_loop(student[12], target) + sum(short) / 2)
-    parts = jasper.text_distill_loss(student, target, short_teacher)
-    assert float(parts["loss"]) == pytest.approx(expected, rel=1e-9)
+
+    def pairs_part(s, ts):  # 200 L_sim + 20 L_resim of one head, averaged over its teachers
+        return sum(200 * similarity_loop(s, t) + 20 * resim_loop(s, t, jasper.MARGIN) for t in ts) / len(ts)
+    short = [pairs_part(student[w], teachers) for w in (5, 3)]
+    if head_average == "all":
+        expected = 10 * cosine_loop(student[12], target) + (pairs_part(student[12], [target]) + sum(short)) / 3
+    else:
+        expected = eq4_loop(student[12], target) + sum(short) / 2
+    parts = jasper.text_distill_loss(student, target, short_teacher, head_average)
+    assert float(parts["loss"]) == pytest.approx(float(expected), rel=1e-9)
     assert set(parts) == {"loss", "12_cos", "12_sim", "12_resim", "5_sim", "5_resim", "3_sim", "3_resim"}
     assert float(parts["5_sim"]) == pytest.approx(float(sum(similarity_loop(student[5], t) for t in teachers)
                                                         / len(teachers)), rel=1e-9)
 
 
-def test_self_distillation_does_not_move_fc1_toward_the_short_heads():
-    """FC1's vectors teach the short heads detached: the short heads' loss sends no gradient into FC1."""
+def test_the_two_rules_agree_without_short_heads_and_weigh_fc1_unalike_with_them():
+    """Stages 1-2 have FC1 alone: both rules are eq. (4), bit for bit. With three short heads, "short" gives FC1's
+    L_sim and L_resim 4 times the weight "all" gives them (1 against 1/4), L_cos the same."""
+    fc1, target = unit_rows(6, 12, 0), unit_rows(6, 12, 9)
+    alone = {rule: jasper.text_distill_loss({12: fc1}, target, head_average=rule)["loss"] for rule in ("all", "short")}
+    assert float(alone["all"]) == float(alone["short"]) == float(jasper.distill_loss(fc1, target)["loss"])
+    s = heads(6, [12, 5, 3, 2], 0)
+    leaves = {w: v.clone().requires_grad_(True) for w, v in s.items()}
+    grads = {}
+    for rule in ("all", "short"):
+        loss = jasper.text_distill_loss(leaves, target, head_average=rule)["loss"]
+        grads[rule] = torch.autograd.grad(loss, leaves[12])[0]
+    cos_grad = torch.autograd.grad(10 * jasper.cosine_loss(leaves[12], target), leaves[12])[0]
+    pairs = torch.autograd.grad(200 * jasper.similarity_loss(leaves[12], target)
+                                + 20 * jasper.resim_loss(leaves[12], target), leaves[12])[0]
+    torch.testing.assert_close(grads["all"], cos_grad + pairs / 4)
+    torch.testing.assert_close(grads["short"], cos_grad + pairs)
+    with pytest.raises(ValueError, match="head_average"):
+        jasper.text_distill_loss(s, target, head_average="mean")
+
+
+@pytest.mark.parametrize("head_average", ["all", "short"])
+def test_self_distillation_does_not_move_fc1_toward_the_short_heads(head_average):
+    """FC1's vectors teach the short heads detached: the short heads' loss sends no gradient into FC1, whose gradient
+    is that of its own terms alone (under "all", its L_sim and L_resim share the mean with the one short head)."""
     student, target = heads(6, [12, 5], 0), unit_rows(6, 12, 9)
     fc1 = student[12].clone().requires_grad_(True)
-    total = jasper.text_distill_loss({12: fc1, 5: student[5]}, target, "fc1")["loss"]
-    fc1_alone = jasper.distill_loss(fc1, target)["loss"]
+    total = jasper.text_distill_loss({12: fc1, 5: student[5]}, target, "fc1", head_average)["loss"]
+    share = 1 / 2 if head_average == "all" else 1
+    fc1_alone = 10 * jasper.cosine_loss(fc1, target) + share * (200 * jasper.similarity_loss(fc1, target)
+                                                                 + 20 * jasper.resim_loss(fc1, target))
     torch.testing.assert_close(torch.autograd.grad(total, fc1)[0], torch.autograd.grad(fc1_alone, fc1)[0],
                                rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="short_teacher"):
@@ -284,16 +317,35 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("loss", [jasper.cosine_loss, jasper.similarity_loss, jasper.resim_loss])
+ENTRY_POINTS = {  # each loss call checks its inputs once, at the entry
+    "distill_loss": jasper.distill_loss,
+    "text_distill_loss": lambda s, t: jasper.text_distill_loss({t.shape[-1] if t.dim() == 2 else 3: s}, t),
+    "image_distill_loss": lambda s, t: jasper.image_distill_loss({3: s}, {3: t}),
+}
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
 @pytest.mark.parametrize("problem,call", BAD)
-def test_bad_input_raises_a_clear_error(loss, problem, call):
+def test_bad_input_raises_a_clear_error(entry, problem, call):
     with pytest.raises(ValueError, match=problem):
-        call(loss)
+        call(ENTRY_POINTS[entry])
+
+
+def test_the_inputs_are_checked_once_per_loss_call(monkeypatch):
+    """One check (one device sync on a GPU) per call, for all heads together, not one per part per head."""
+    calls = []
+    check = jasper.check_vectors
+    monkeypatch.setattr(jasper, "check_vectors", lambda *a, **k: calls.append(k) or check(*a, **k))
+    jasper.text_distill_loss(heads(6, [12, 5, 3], 0), unit_rows(6, 12, 9))
+    jasper.image_distill_loss(heads(6, [12, 5], 0), heads(6, [12, 5], 4))
+    assert [sorted(c) for c in calls] == [["head 12", "head 3", "head 5", "target"],
+                                          ["caption 12", "caption 5", "image 12", "image 5"]]
 
 
 def test_cosine_loss_needs_one_width_and_the_others_do_not():
     with pytest.raises(ValueError, match="same width"):
         jasper.cosine_loss(unit_rows(4, 3, 0), unit_rows(4, 5, 1))
+    assert "cos" not in jasper.distill_loss(unit_rows(4, 3, 0), unit_rows(4, 5, 1))
     for loss in (jasper.similarity_loss, jasper.resim_loss):  # a short head against the wide target
         assert float(loss(unit_rows(4, 3, 0), unit_rows(4, 5, 1))) > 0
 
@@ -313,7 +365,7 @@ def test_negative_margin_is_rejected():
     ("batch size", [torch.randn(3, 4), torch.randn(2, 4)]),
     ("NaN", [torch.full((2, 3), math.nan)]),
     ("all-zero", [torch.zeros(2, 3)]),
-    ("non-empty", [torch.zeros(0, 3)]),
+    ("empty", [torch.zeros(0, 3)]),
 ])
 def test_teacher_target_bad_input(problem, teachers):
     with pytest.raises(ValueError, match=problem):

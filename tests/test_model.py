@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 from transformers import AutoTokenizer
 
+import export
 import jasper
 
 TINY_QWEN2 = dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=5,
@@ -235,7 +236,8 @@ def test_a_saved_folder_is_a_sentence_transformers_model_of_every_head(tmp_path)
     torch.manual_seed(0)
     model = jasper.Jasper(jasper.JasperConfig(text_encoder=MINILM, head_dims=[48, 16])).eval()
     tokenizer = AutoTokenizer.from_pretrained(MINILM)
-    model.save_pretrained(tmp_path / "m", prompts={"query": "Query: ", "document": ""})
+    model.save_pretrained(tmp_path / "m")
+    export.save_sentence_transformer(model, tmp_path / "m", prompts={"query": "Query: ", "document": ""})
     tokenizer.save_pretrained(tmp_path / "m" / "text")
     st = SentenceTransformer(str(tmp_path / "m"), device="cpu")
     texts = ["How do I sort a list?", "A much longer text, so that the batch needs padding at the end.", "x"]

@@ -6,17 +6,17 @@ import json
 import os
 import subprocess
 
+from conftest import DEEPSPEED, ROOT
 from safetensors.torch import load_file
 
 import data
-from conftest import DEEPSPEED, ROOT
 
 
 def test_the_rehearsal_runs_all_four_stages_of_the_paper_code_path(tmp_path):
     out = tmp_path / "rehearsal"
     path = f"{DEEPSPEED.parent}{os.pathsep}{os.environ['PATH']}"  # the launcher of this environment, on PATH or not
-    done = subprocess.run(["bash", "run_rehearsal.sh", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=1500,
-                          env=os.environ | {"PATH": path})
+    done = subprocess.run(["bash", "run_rehearsal.sh", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=1500, env=os.environ | {"PATH": path})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     preset = json.loads((out / "preset.json").read_text())
     assert preset["base"] == "paper" and preset["corpus"] == f"jasper:{out / 'sources' / 'jasper'}"
