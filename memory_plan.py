@@ -128,8 +128,9 @@ def plan_for(stage, preset, stage_plan, gpus, gpu_memory, device, checkpointing,
     on_gpu = device == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
     group_size = max(1, gpus // preset.loss_batches)
+    accumulation = max(1, preset.loss_batches // gpus)  # loss batches a rank computes one after another
     step, trainable, frozen, layers_saving, layers = step_memory(stage, preset, stage_plan.batch_size // group_size,
-                                                                 dtype, checkpointing, cached, drop_grads=on_gpu)
+                                                                 dtype, checkpointing, cached, on_gpu, accumulation)
     target, losses = loss_memory(stage, preset, stage_plan.batch_size)
     if on_gpu:
         from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
@@ -227,31 +228,37 @@ MEASURED = {}  # (what shapes a step, settings) -> step_memory's result: plans f
 
 
 def step_memory(stage: int, preset: Preset, rows: int, dtype, checkpointing: bool, cached: bool,
-                drop_grads: bool) -> tuple[int, int, int, int, int]:
+                drop_grads: bool, accumulation: int = 1) -> tuple[int, int, int, int, int]:
     """The peak bytes one micro-step keeps alive besides the weights (activations, temporaries, and the gradients
     unless each is dropped as it is made), on fake tensors, for a rank's `rows` texts (images) of a loss batch; also
     the trainable and frozen parameter counts, and how many encoder layers save activations for backward, of how many.
     Each chunk adds the same to the peak (its graph, or with cached gradients its vectors), so the step is run with
-    one and two chunks and the rest extrapolated: every chunk taken full."""
+    one and two chunks and the rest extrapolated: every chunk taken full. Where gradients stay in place between the
+    backward passes of a step (no ZeRO-2 hooks: a CPU) and there is more than one pass (accumulated loss batches, or
+    cached gradients' chunks), a second pass adds fresh gradients to the kept ones, and its peak counts them too."""
     vision = preset.vision_encoder and model_config(preset.vision_encoder)
     key = json.dumps([stage, model_config(preset.student), vision, [t.dim for t in preset.teachers], preset.mrl_dims,
                       preset.max_length, preset.forward_chunk, preset.pooler, preset.image_tokens, rows, str(dtype),
-                      checkpointing, cached, drop_grads])
+                      checkpointing, cached, drop_grads, accumulation])
     if key not in MEASURED:
-        MEASURED[key] = measure_step(stage, preset, rows, dtype, checkpointing, cached, drop_grads)
+        MEASURED[key] = measure_step(stage, preset, rows, dtype, checkpointing, cached, drop_grads, accumulation)
     return MEASURED[key]
 
 
-def measure_step(stage, preset, rows, dtype, checkpointing, cached, drop_grads):
+def measure_step(stage, preset, rows, dtype, checkpointing, cached, drop_grads, accumulation):
     chunks = math.ceil(rows / preset.forward_chunk)
-    one, trainable, frozen, layers = fake_step(stage, preset, 1, dtype, checkpointing, cached, drop_grads)
-    two = fake_step(stage, preset, 2, dtype, checkpointing, cached, drop_grads)[0] if chunks > 1 else one
+    passes = accumulation * (chunks if cached else 1)  # backward passes of a step on a rank
+    again = passes > 1 and not drop_grads
+    one, trainable, frozen, layers = fake_step(stage, preset, 1, dtype, checkpointing, cached, drop_grads, again)
+    two = fake_step(stage, preset, 2, dtype, checkpointing, cached, drop_grads, again)[0] if chunks > 1 else one
     return one + (chunks - 1) * (two - one), trainable, frozen, *layers
 
 
-def fake_step(stage: int, preset: Preset, chunks: int, dtype, checkpointing: bool, cached: bool, drop_grads: bool):
-    """One micro-step of `chunks` full forward chunks on fake tensors, as train.py takes it: (peak bytes, trainable
-    parameters, frozen parameters, (layers that save activations, layers))."""
+def fake_step(stage: int, preset: Preset, chunks: int, dtype, checkpointing: bool, cached: bool, drop_grads: bool,
+              again: bool = False):
+    """One micro-step of `chunks` full forward chunks on fake tensors, as train.py takes it, and with `again` a second
+    one whose gradients are added to the first's: (peak bytes, trainable parameters, frozen parameters, (layers that
+    save activations, layers))."""
     from train_minimal import freeze_for_stage
     with FakeTensorMode():
         model = fake_student(stage, preset, dtype)
@@ -271,10 +278,12 @@ def fake_step(stage: int, preset: Preset, chunks: int, dtype, checkpointing: boo
             if cached:
                 with torch.no_grad():
                     kept = [model(**batch) for batch in inputs]
-                backward(model(**inputs[0]))
+                for _ in range(1 + again):
+                    backward(model(**inputs[0]))
                 del kept
             else:
-                backward(*[model(**batch) for batch in inputs])
+                for _ in range(1 + again):
+                    backward(*[model(**batch) for batch in inputs])
     return tracker.peak, trainable, frozen, saving_layers(model, stage)
 
 
