@@ -424,6 +424,20 @@ class Layout:
         return dict(zip(parts, (values / (self.world * self.accumulation)).tolist()))
 
 
+def probe_deepspeed_ops_quietly() -> None:
+    """DeepSpeed's first distributed call probes which of its ops compile here by running a C compiler, and means to
+    hide the compiler's complaints (a missing libaio: /usr/bin/ld cannot find -laio); under Jupyter its redirect misses
+    the process's real stderr, so the probe runs here first, with file descriptor 2 pointed at /dev/null."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            deepspeed.ops.__compatible_ops__  # noqa: B018 (the probe runs on first access)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def setup_distributed(loss_batches: int, batch_size: int) -> Layout:
     """Plain `python train.py` gets a one-process group; `deepspeed train.py` sets these itself. Ranks that share a
     loss batch get a process group of their own."""
@@ -435,6 +449,7 @@ def setup_distributed(loss_batches: int, batch_size: int) -> Layout:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    probe_deepspeed_ops_quietly()
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints a line whenever it loads its shared-memory op
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
     if torch.cuda.is_available():
