@@ -93,7 +93,7 @@ def resim_table(sizes: list[int], dense_max_m: int, repeats: int) -> str:
     def figure(method, m, key, scale, fmt):
         return fmt.format(results[method, m][key] * scale) if (method, m) in results else "-"
     rows = [f"L_resim forward+backward on {device()} (student {STUDENT_WIDTH}-d, target {TEACHER_WIDTH}-d):", "",
-            "| m | pairs N | dense ms | dense extra MB | counted ms | counted extra MB | dense / counted time |",
+            "| m | text pairs P | dense ms | dense extra MB | counted ms | counted extra MB | dense / counted time |",
             "|---|---|---|---|---|---|---|"]
     for m in sizes:
         ratio = (f"{results['dense', m]['seconds'] / results['counted', m]['seconds']:.1f}x"
