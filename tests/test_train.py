@@ -332,7 +332,7 @@ def test_stage1_reuses_pooled_states_with_the_same_loss_and_gradients(pipeline):
             losses.append(task.loss(vectors, task.teacher(task.model, idx, 8))["loss"])
             tokens.append(read)
         losses[0].backward()
-        results.append((float(losses[0]), task.model.fc1.weight.grad.clone(), tokens, float(losses[1])))
+        results.append((losses[0].item(), task.model.fc1.weight.grad.clone(), tokens, losses[1].item()))
     (loss, grad, tokens, again), (pooled_loss, pooled_grad, pooled_tokens, pooled_again) = results
     assert pooled_loss == pytest.approx(loss, rel=1e-6) and pooled_again == pytest.approx(again, rel=1e-6)
     torch.testing.assert_close(pooled_grad, grad, rtol=1e-5, atol=1e-7)
