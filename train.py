@@ -568,10 +568,17 @@ class StepLog:
 
 def save_checkpoint(engine, folder: Path, step: int, before: dict, rank: int) -> None:
     """A resumable checkpoint after `step` steps; only the newest one is kept."""
-    engine.save_checkpoint(str(folder), tag=f"step{step}", client_state={"step": step, "heldout_before": before})
+    tag = f"step{step}"
+    # DeepSpeed writes its `latest` file in place, so a kill -9 inside that write leaves it empty and the run
+    # unresumable; here it is replaced whole, after every rank has saved (save_checkpoint ends in a barrier).
+    engine.save_checkpoint(str(folder), tag=tag, client_state={"step": step, "heldout_before": before},
+                           save_latest=False)
     if rank == 0:
+        tmp = folder / "latest.tmp"
+        tmp.write_text(tag)
+        tmp.replace(folder / "latest")
         for old in folder.glob("step*"):
-            if old.name != f"step{step}":
+            if old.name != tag:
                 shutil.rmtree(old)
 
 
