@@ -381,7 +381,7 @@ def test_cached_gradients_equal_one_pass_in_float64(pipeline, n, checkpointing):
         torch.manual_seed(1)
         parts, _ = step(PlainEngine(task.model), task, rows, train.Layout(1, 0, 1), 1.0, 3)
         grads = {name: w.grad.clone() for name, w in task.model.named_parameters() if w.grad is not None}
-        results.append((float(parts["loss"]), grads, torch.rand(1)))  # and where the random stream ends
+        results.append((parts["loss"].item(), grads, torch.rand(1)))  # and where the random stream ends
     (loss, grads, after), (cached_loss, cached_grads, cached_after) = results
     assert cached_loss == pytest.approx(loss, rel=1e-12) and torch.equal(after, cached_after)
     assert grads.keys() == cached_grads.keys() and len(grads) > 0
